@@ -1,0 +1,60 @@
+//! Run an expensive handler once per key per TTL window, across every process behind your load
+//! balancer, and hand its response to every request that asked for it meanwhile.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower_parking::ParkingLayer;
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! async fn expensive() -> &'static str {
+//!     tokio::time::sleep(Duration::from_secs(2)).await; // a billed upstream call
+//!     "the answer"
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/answer", get(expensive))
+//!     .layer(ParkingLayer::new().ttl(Duration::from_secs(30)));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap();
+//! axum::serve(listener, app).await.unwrap();
+//! # }
+//! ```
+//!
+//! A thousand concurrent `GET /answer` run `expensive` once; requests in the next 30 seconds get
+//! the same response without running it. Each response says how it was served in `x-parking`:
+//! `miss`, `hit`, `coalesced`, `parked`, `bypass` or `timeout`.
+//!
+//! - [`ParkingLayer`] / [`Parking`]: the tower middleware (for axum, hyper, tonic).
+//! - [`Parker`]: the engine on its own, for any [`Value`] (Go's `singleflight`, plus TTL windows and
+//!   processes).
+//! - [`MemoryBackend`] (default, one process) and `RedisBackend` (feature `redis`, on by default):
+//!   where windows and locks live.
+//!
+//! The default key ([`PerUser`]) includes a hash of `Authorization` and `Cookie`: one user's
+//! response never reaches another user unless you pick a key function that says it may.
+#![deny(unsafe_code, missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod backend;
+mod body;
+mod error;
+mod flight;
+mod key;
+mod layer;
+mod outcome;
+mod parker;
+mod policy;
+mod response;
+mod value;
+
+pub use backend::{Backend, BackendError, FailurePolicy, LeaseSettings, MemoryBackend};
+pub use body::{BoxError, ParkingBody};
+pub use error::ParkError;
+pub use key::{ByHeader, Key, KeyFn, PerUser, SharedAcrossUsers};
+pub use layer::{Parking, ParkingLayer, ResponseFuture, PARKING_HEADER};
+pub use outcome::{Outcome, Stats};
+pub use parker::{Parker, ParkerBuilder};
+pub use policy::WaitTimeoutPolicy;
+pub use response::StoredResponse;
+pub use value::{DecodeError, Value};

@@ -1,0 +1,143 @@
+//! How each call was served, and counters of it.
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// How one call was served. The layer sends it in the `x-parking` response header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// This call led: it ran the work (and stored its value when it could).
+    Miss,
+    /// Served from the TTL window: the work did not run.
+    Hit,
+    /// Joined a flight already running in this process and got its value.
+    Coalesced,
+    /// Waited for a leader in another process and got the value it stored.
+    Parked,
+    /// Not parked at all (method not parked, key function said no): went straight through.
+    Bypass,
+    /// Waited past the wait timeout, then ran the work itself without storing (or failed, when
+    /// the policy says so).
+    Timeout,
+}
+
+impl Outcome {
+    /// Every outcome, in the order [`Stats`] lists them.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Miss,
+        Outcome::Hit,
+        Outcome::Coalesced,
+        Outcome::Parked,
+        Outcome::Bypass,
+        Outcome::Timeout,
+    ];
+
+    /// The outcome's name, as sent in the `x-parking` header: `miss`, `hit`, `coalesced`,
+    /// `parked`, `bypass` or `timeout`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Miss => "miss",
+            Outcome::Hit => "hit",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Parked => "parked",
+            Outcome::Bypass => "bypass",
+            Outcome::Timeout => "timeout",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A snapshot of a [`Parker`](crate::Parker)'s counters since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Calls served from the TTL window.
+    pub hit: u64,
+    /// Calls that led and ran the work.
+    pub miss: u64,
+    /// Calls that joined a flight in this process.
+    pub coalesced: u64,
+    /// Calls served by a leader in another process.
+    pub parked: u64,
+    /// Calls let through unparked.
+    pub bypass: u64,
+    /// Calls that waited past the wait timeout.
+    pub timeout: u64,
+    /// How many times the work (the handler) ran, whoever ran it.
+    pub executions: u64,
+    /// How many times the work panicked or failed.
+    pub failures: u64,
+    /// How many backend operations failed (Redis down or slow).
+    pub backend_errors: u64,
+}
+
+impl Stats {
+    /// The count for one outcome.
+    pub fn outcome(&self, outcome: Outcome) -> u64 {
+        match outcome {
+            Outcome::Miss => self.miss,
+            Outcome::Hit => self.hit,
+            Outcome::Coalesced => self.coalesced,
+            Outcome::Parked => self.parked,
+            Outcome::Bypass => self.bypass,
+            Outcome::Timeout => self.timeout,
+        }
+    }
+
+    /// Calls served, whatever their outcome.
+    pub fn calls(&self) -> u64 {
+        Outcome::ALL.iter().map(|o| self.outcome(*o)).sum()
+    }
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    outcomes: [AtomicU64; 6],
+    executions: AtomicU64,
+    failures: AtomicU64,
+    backend_errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record(&self, outcome: Outcome) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn execution(&self) {
+        self.executions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn backend_error(&self) {
+        self.backend_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let outcome = |o: Outcome| self.outcomes[o.index()].load(Ordering::Relaxed);
+        Stats {
+            hit: outcome(Outcome::Hit),
+            miss: outcome(Outcome::Miss),
+            coalesced: outcome(Outcome::Coalesced),
+            parked: outcome(Outcome::Parked),
+            bypass: outcome(Outcome::Bypass),
+            timeout: outcome(Outcome::Timeout),
+            executions: self.executions.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            backend_errors: self.backend_errors.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! [`Parker`]: the engine. One flight per key in this process, one leader per key across every
+//! process that shares the backend, and a TTL window during which nobody runs the work again.
+
+use std::{
+    convert::Infallible,
+    fmt,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use futures_util::{future::BoxFuture, FutureExt};
+use tokio::time::Instant;
+
+use crate::{
+    backend::{Acquire, Backend, BackendError, Lease, Lookup, Wake},
+    flight::{Flights, Joined},
+    outcome::Counters,
+    Key, MemoryBackend, Outcome, ParkError, Stats, Value, WaitTimeoutPolicy,
+};
+
+/// What a flight ends with, as every caller waiting on it sees it. `Ok(None)`: the value was
+/// private to the leader's caller, who got it through its own channel.
+type Landed<V> = (Outcome, Result<Option<V>, ParkError>);
+
+/// What the work decided about its value.
+pub(crate) enum Completion<V> {
+    /// Hand it to every caller and keep it for the TTL window.
+    Store(V),
+    /// Hand it to every caller of this flight, but do not keep it.
+    Share(V),
+    /// Only the caller whose work ran may have it (it delivered it itself); every joined caller
+    /// runs its own work.
+    Private,
+}
+
+/// A hook run by a follower between finding the lock held and waiting for the leader.
+type BeforeWait = Arc<dyn Fn(Key) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Runs a piece of work once per key per TTL window and hands its value to every caller.
+///
+/// Concurrent calls with one key in this process share one flight; across processes, the
+/// [backend](crate::Backend) elects one leader and parks everyone else until its value is stored.
+/// The work runs on its own task, so a caller that goes away does not cancel it for the others.
+///
+/// ```
+/// use std::{convert::Infallible, time::Duration};
+/// use tower_parking::Parker;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let parker: Parker<String> = Parker::builder().ttl(Duration::from_secs(60)).build();
+///
+/// let fetch_token = || async { Ok::<_, Infallible>("token-42".to_string()) };
+/// let (a, b) = tokio::join!(parker.run("token", fetch_token), parker.run("token", fetch_token));
+/// assert_eq!(a.unwrap(), "token-42");
+/// assert_eq!(b.unwrap(), "token-42");
+/// assert_eq!(parker.stats().executions, 1);
+/// # }
+/// ```
+pub struct Parker<V: Value> {
+    inner: Arc<Inner<V>>,
+}
+
+struct Inner<V: Value> {
+    flights: Arc<Flights<Landed<V>>>,
+    backend: Arc<dyn Backend>,
+    ttl: Duration,
+    wait_timeout: Option<Duration>,
+    on_wait_timeout: WaitTimeoutPolicy,
+    counters: Counters,
+    warnings: RateLimitedWarning,
+    before_wait: Option<BeforeWait>,
+}
+
+impl<V: Value> Clone for Parker<V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<V: Value> fmt::Debug for Parker<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Parker")
+            .field("ttl", &self.inner.ttl)
+            .field("wait_timeout", &self.inner.wait_timeout)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: Value> Default for Parker<V> {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl<V: Value> Parker<V> {
+    /// A parker on a fresh [`MemoryBackend`], with the default settings of [`ParkerBuilder`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts building a parker.
+    pub fn builder() -> ParkerBuilder {
+        ParkerBuilder::default()
+    }
+
+    /// Runs `work` for `key` unless a flight for `key` is already running (then waits for it) or a
+    /// value is stored for it (then returns that), and hands the value to every caller.
+    ///
+    /// `Ok` values are stored for the TTL window; errors and panics reach every waiting caller at
+    /// once and store nothing, so the next call runs the work again.
+    pub async fn run<F, Fut, E>(&self, key: impl Into<Key>, work: F) -> Result<V, ParkError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.run_with_outcome(key, work).await.0
+    }
+
+    /// Like [`run`](Parker::run), and also says how the call was served.
+    pub async fn run_with_outcome<F, Fut, E>(
+        &self,
+        key: impl Into<Key>,
+        work: F,
+    ) -> (Result<V, ParkError>, Outcome)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let work = move || async move {
+            work()
+                .await
+                .map(Completion::Store)
+                .map_err(ParkError::failed)
+        };
+        let (outcome, result) = self.execute(key.into(), work).await;
+        // `work` never answers `Private`, so a missing value means the flight was cut short.
+        (
+            result.and_then(|value| value.ok_or(ParkError::Cancelled)),
+            outcome,
+        )
+    }
+
+    /// Forgets `key`: its stored value, and its running flight for later callers (callers already
+    /// waiting still get the running flight's value, which is then not stored). The next call runs
+    /// the work again.
+    pub async fn invalidate(&self, key: impl Into<Key>) -> Result<(), BackendError> {
+        let key = key.into();
+        self.inner.flights.forget(&key);
+        self.inner.backend.invalidate(&key).await
+    }
+
+    /// Counters of outcomes and executions since the parker was built.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// How many flights are running in this process now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.flights.len()
+    }
+
+    pub(crate) fn record_bypass(&self) {
+        self.inner.counters.record(Outcome::Bypass);
+    }
+
+    /// The heart of every call: joins or starts the key's flight and says how this caller was
+    /// served. `Ok(None)`: the caller's own `work` ran and delivered its private value itself.
+    pub(crate) async fn execute<F, Fut>(&self, key: Key, work: F) -> Landed<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        if let Some(value) = inner
+            .backend
+            .peek(&key)
+            .and_then(|bytes| V::decode(bytes).ok())
+        {
+            inner.counters.record(Outcome::Hit);
+            return (Outcome::Hit, Ok(Some(value)));
+        }
+        let (outcome, result) = match inner.flights.join_or_start(&key) {
+            Joined::Leader(landing, flight) => {
+                let task_inner = Arc::clone(inner);
+                tokio::spawn(async move {
+                    let landed = task_inner.fly(&key, work).await;
+                    landing.land(landed);
+                });
+                flight
+                    .await
+                    .unwrap_or((Outcome::Miss, Err(ParkError::Cancelled)))
+            }
+            Joined::Follower(flight) => {
+                let landed = match inner.wait_timeout {
+                    Some(timeout) => tokio::time::timeout(timeout, flight).await.ok(),
+                    None => Some(flight.await),
+                };
+                match landed {
+                    None => inner.after_wait_timeout(work).await,
+                    Some(Some((_, Ok(None)))) => (Outcome::Miss, inner.run_unshared(work).await),
+                    Some(Some((_, result))) => (Outcome::Coalesced, result),
+                    Some(None) => (Outcome::Coalesced, Err(ParkError::Cancelled)),
+                }
+            }
+        };
+        inner.counters.record(outcome);
+        (outcome, result)
+    }
+}
+
+impl<V: Value> Inner<V> {
+    /// The flight, on its own task: find the value, or lead the work, or wait for the leader.
+    async fn fly<F, Fut>(&self, key: &Key, work: F) -> Landed<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+    {
+        let lease = self.backend.lease_settings().lease;
+        let deadline = self.wait_timeout.map(|timeout| Instant::now() + timeout);
+        let mut lookup = Lookup::Check;
+        loop {
+            let stored = match self.backend.acquire(key, lease, lookup).await {
+                Err(error) => return self.without_backend("acquire", error, work).await,
+                Ok(Acquire::Acquired(lease)) => return self.lead(lease, work).await,
+                Ok(Acquire::Fresh(bytes)) => (Outcome::Hit, bytes),
+                Ok(Acquire::Held { .. }) => {
+                    if let Some(hook) = &self.before_wait {
+                        hook(key.clone()).await;
+                    }
+                    match self.backend.wait(key, deadline).await {
+                        Err(error) => return self.without_backend("wait", error, work).await,
+                        Ok(Wake::Stored(bytes)) => (Outcome::Parked, bytes),
+                        Ok(Wake::Released) => {
+                            lookup = Lookup::Check;
+                            continue;
+                        }
+                        Ok(Wake::TimedOut) => return self.after_wait_timeout(work).await,
+                    }
+                }
+            };
+            let (outcome, bytes) = stored;
+            match V::decode(bytes) {
+                Ok(value) => return (outcome, Ok(Some(value))),
+                Err(error) => {
+                    tracing::warn!(key = %key, %error, "stored value does not decode: running the work again to overwrite it");
+                    lookup = Lookup::Skip;
+                }
+            }
+        }
+    }
+
+    /// Runs the work as the leader, renewing the lease while it runs, then stores or releases.
+    async fn lead<F, Fut>(&self, lease: Lease, work: F) -> Landed<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+    {
+        let completion = tokio::select! {
+            biased;
+            completion = self.run_work(work) => completion,
+            never = self.renew_while_running(&lease) => match never {},
+        };
+        let result = match completion {
+            Ok(Completion::Store(value)) if !self.ttl.is_zero() => {
+                match self
+                    .backend
+                    .complete(&lease, value.encode(), self.ttl)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        key = %lease.key(),
+                        "the lease was lost and another leader took over: this value is served but not stored"
+                    ),
+                    Err(error) => self.backend_failed("complete", &error),
+                }
+                return (Outcome::Miss, Ok(Some(value)));
+            }
+            Ok(Completion::Store(value) | Completion::Share(value)) => Ok(Some(value)),
+            Ok(Completion::Private) => Ok(None),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = self.backend.release(&lease).await {
+            self.backend_failed("release", &error);
+        }
+        (Outcome::Miss, result)
+    }
+
+    /// Extends the lease every `renew_every` for as long as it is polled.
+    async fn renew_while_running(&self, lease: &Lease) -> Infallible {
+        let every = self
+            .backend
+            .lease_settings()
+            .renew_every
+            .max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(every).await;
+            match self.backend.renew(lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        key = %lease.key(),
+                        "lost the lease while the work runs (renewal refused): another leader may run it too"
+                    );
+                    return std::future::pending().await;
+                }
+                Err(error) => self.backend_failed("renew", &error),
+            }
+        }
+    }
+
+    /// The work, with its panics caught and counted.
+    async fn run_work<F, Fut>(&self, work: F) -> Result<Completion<V>, ParkError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+    {
+        self.counters.execution();
+        let result = match AssertUnwindSafe(async move { work().await })
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(_panic) => Err(ParkError::Panicked),
+        };
+        if result.is_err() {
+            self.counters.failure();
+        }
+        result
+    }
+
+    /// Runs the work for this caller alone: nothing shared, nothing stored.
+    async fn run_unshared<F, Fut>(&self, work: F) -> Result<Option<V>, ParkError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+    {
+        self.run_work(work)
+            .await
+            .map(|completion| match completion {
+                Completion::Store(value) | Completion::Share(value) => Some(value),
+                Completion::Private => None,
+            })
+    }
+
+    async fn after_wait_timeout<F, Fut>(&self, work: F) -> Landed<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+    {
+        let waited = self.wait_timeout.unwrap_or_default();
+        match self.on_wait_timeout {
+            WaitTimeoutPolicy::RunLocally => (Outcome::Timeout, self.run_unshared(work).await),
+            WaitTimeoutPolicy::Fail => (Outcome::Timeout, Err(ParkError::WaitTimeout(waited))),
+        }
+    }
+
+    /// The backend failed mid-protocol: serve the flight alone (fail-open) or fail it.
+    async fn without_backend<F, Fut>(
+        &self,
+        operation: &str,
+        error: BackendError,
+        work: F,
+    ) -> Landed<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+    {
+        self.backend_failed(operation, &error);
+        match self.backend.failure_policy() {
+            crate::FailurePolicy::FailOpen => (Outcome::Miss, self.run_unshared(work).await),
+            crate::FailurePolicy::FailClosed => {
+                (Outcome::Miss, Err(ParkError::BackendUnavailable(error)))
+            }
+        }
+    }
+
+    fn backend_failed(&self, operation: &str, error: &BackendError) {
+        self.counters.backend_error();
+        self.warnings.warn(|suppressed| {
+            tracing::warn!(
+                operation,
+                %error,
+                suppressed,
+                "parking backend failed: serving with in-process coalescing only"
+            );
+        });
+    }
+}
+
+/// Builds a [`Parker`].
+///
+/// | setting | default |
+/// |---|---|
+/// | [`backend`](ParkerBuilder::backend) | a new [`MemoryBackend`] |
+/// | [`ttl`](ParkerBuilder::ttl) | 10 seconds |
+/// | [`wait_timeout`](ParkerBuilder::wait_timeout) | none: wait as long as the leader is alive |
+/// | [`on_wait_timeout`](ParkerBuilder::on_wait_timeout) | [`WaitTimeoutPolicy::RunLocally`] |
+#[derive(Clone)]
+pub struct ParkerBuilder {
+    backend: Option<Arc<dyn Backend>>,
+    ttl: Duration,
+    wait_timeout: Option<Duration>,
+    on_wait_timeout: WaitTimeoutPolicy,
+    before_wait: Option<BeforeWait>,
+}
+
+impl Default for ParkerBuilder {
+    fn default() -> Self {
+        Self {
+            backend: None,
+            ttl: Duration::from_secs(10),
+            wait_timeout: None,
+            on_wait_timeout: WaitTimeoutPolicy::default(),
+            before_wait: None,
+        }
+    }
+}
+
+impl fmt::Debug for ParkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParkerBuilder")
+            .field("ttl", &self.ttl)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("on_wait_timeout", &self.on_wait_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParkerBuilder {
+    /// Where windows and locks live: a [`MemoryBackend`] (one process) or a `RedisBackend`
+    /// (every process on one Redis).
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// How long a value is served after the work produced it. Zero keeps nothing: concurrent
+    /// callers still share one run.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a caller waits for a running leader before the
+    /// [wait-timeout policy](ParkerBuilder::on_wait_timeout) applies. By default there is no
+    /// timeout: a caller waits as long as the leader is alive (renewing its lease), and a dead
+    /// leader is noticed when its lease expires.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = Some(timeout);
+        self
+    }
+
+    /// What a caller does after waiting past the [wait timeout](ParkerBuilder::wait_timeout).
+    pub fn on_wait_timeout(mut self, policy: WaitTimeoutPolicy) -> Self {
+        self.on_wait_timeout = policy;
+        self
+    }
+
+    /// For tests of the protocol: runs `hook` in a follower after it found the lock held and
+    /// before it waits, so a test can make the leader finish in that gap.
+    #[doc(hidden)]
+    pub fn before_wait(
+        mut self,
+        hook: impl Fn(Key) -> BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) -> Self {
+        self.before_wait = Some(Arc::new(hook));
+        self
+    }
+
+    /// Builds the parker.
+    pub fn build<V: Value>(self) -> Parker<V> {
+        Parker {
+            inner: Arc::new(Inner {
+                flights: Arc::new(Flights::new()),
+                backend: self
+                    .backend
+                    .unwrap_or_else(|| Arc::new(MemoryBackend::new())),
+                ttl: self.ttl,
+                wait_timeout: self.wait_timeout,
+                on_wait_timeout: self.on_wait_timeout,
+                counters: Counters::default(),
+                warnings: RateLimitedWarning::default(),
+                before_wait: self.before_wait,
+            }),
+        }
+    }
+}
+
+/// Lets one warning through per interval and counts the ones it held back, so a Redis outage
+/// under load writes a line every few seconds, not one per request.
+#[derive(Debug, Default)]
+struct RateLimitedWarning {
+    last: Mutex<Option<std::time::Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedWarning {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn warn(&self, emit: impl FnOnce(u64)) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last.is_some_and(|last| now.duration_since(last) < Self::INTERVAL) {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *last = Some(now);
+        }
+        emit(self.suppressed.swap(0, Ordering::Relaxed));
+    }
+}

@@ -1,0 +1,186 @@
+//! [`StoredResponse`]: a whole HTTP response as it is shared and stored.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::{value::DecodeError, Value};
+
+/// A response with its body buffered: what coalesced and parked callers receive and what the
+/// backend keeps for the TTL window.
+///
+/// Hop-by-hop headers (`Connection`, `Transfer-Encoding`, ...) are never kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// The end-to-end headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// Format tag, so that bytes written by a future format are told apart and treated as a miss.
+const MAGIC: &[u8; 4] = b"TPR1";
+
+/// Headers that describe one connection, not the response (RFC 9110, 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+impl StoredResponse {
+    /// A stored response made of these parts, without its hop-by-hop headers.
+    pub fn new(status: StatusCode, mut headers: HeaderMap, body: Bytes) -> Self {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether the response may only go to the caller that asked for it: it sets a cookie, or its
+    /// `Cache-Control` says `private` or `no-store`.
+    pub fn is_private(status_headers: &HeaderMap) -> bool {
+        if status_headers.contains_key(header::SET_COOKIE) {
+            return true;
+        }
+        status_headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .any(|value| {
+                value.to_str().map_or(true, |value| {
+                    value.split(',').any(|directive| {
+                        let name = directive.trim().split('=').next().unwrap_or("").trim();
+                        name.eq_ignore_ascii_case("private")
+                            || name.eq_ignore_ascii_case("no-store")
+                    })
+                })
+            })
+    }
+}
+
+impl Value for StoredResponse {
+    fn encode(&self) -> Bytes {
+        let headers_len: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| 8 + n.as_str().len() + v.len())
+            .sum();
+        let mut out = BytesMut::with_capacity(MAGIC.len() + 2 + 4 + headers_len + self.body.len());
+        out.put_slice(MAGIC);
+        out.put_u16(self.status.as_u16());
+        out.put_u32(self.headers.len() as u32);
+        for (name, value) in &self.headers {
+            out.put_u32(name.as_str().len() as u32);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    fn decode(mut bytes: Bytes) -> Result<Self, DecodeError> {
+        fn take(bytes: &mut Bytes, len: usize, what: &str) -> Result<Bytes, DecodeError> {
+            if bytes.remaining() < len {
+                return Err(DecodeError::new(format!("truncated {what}")));
+            }
+            Ok(bytes.split_to(len))
+        }
+        fn take_u32(bytes: &mut Bytes, what: &str) -> Result<usize, DecodeError> {
+            Ok(take(bytes, 4, what)?.get_u32() as usize)
+        }
+
+        if take(&mut bytes, MAGIC.len(), "format tag")?.as_ref() != MAGIC {
+            return Err(DecodeError::new(
+                "not a stored response (unknown format tag)",
+            ));
+        }
+        let status = take(&mut bytes, 2, "status")?.get_u16();
+        let status = StatusCode::from_u16(status)
+            .map_err(|_| DecodeError::new(format!("invalid status {status}")))?;
+        let count = take_u32(&mut bytes, "header count")?;
+        let mut headers = HeaderMap::with_capacity(count.min(64));
+        for _ in 0..count {
+            let len = take_u32(&mut bytes, "header name length")?;
+            let name = HeaderName::from_bytes(&take(&mut bytes, len, "header name")?)
+                .map_err(|_| DecodeError::new("invalid header name"))?;
+            let len = take_u32(&mut bytes, "header value length")?;
+            let value = HeaderValue::from_maybe_shared(take(&mut bytes, len, "header value")?)
+                .map_err(|_| DecodeError::new("invalid header value"))?;
+            headers.append(name, value);
+        }
+        Ok(Self {
+            status,
+            headers,
+            body: bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        StoredResponse::new(
+            StatusCode::CREATED,
+            headers,
+            Bytes::from_static(b"{\"ok\":true}"),
+        )
+    }
+
+    #[test]
+    fn round_trips_without_hop_by_hop_headers() {
+        let stored = sample();
+        assert!(!stored.headers.contains_key(header::CONNECTION));
+        let decoded = StoredResponse::decode(stored.encode()).unwrap();
+        assert_eq!(decoded, stored);
+        assert_eq!(decoded.headers.get_all("x-multi").iter().count(), 2);
+    }
+
+    #[test]
+    fn every_truncation_and_garbage_is_an_error_not_a_panic() {
+        let encoded = sample().encode();
+        for len in 0..encoded.len() - sample().body.len() {
+            assert!(
+                StoredResponse::decode(encoded.slice(..len)).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+        assert!(
+            StoredResponse::decode(Bytes::from_static(b"garbage that is long enough")).is_err()
+        );
+    }
+
+    #[test]
+    fn private_responses_are_recognised() {
+        let private = |name: HeaderName, value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            StoredResponse::is_private(&headers)
+        };
+        assert!(private(header::SET_COOKIE, "a=b"));
+        assert!(private(header::CACHE_CONTROL, "private, max-age=60"));
+        assert!(private(header::CACHE_CONTROL, "max-age=0, No-Store"));
+        assert!(!private(header::CACHE_CONTROL, "public, max-age=60"));
+        assert!(!StoredResponse::is_private(&HeaderMap::new()));
+    }
+}
