@@ -59,6 +59,10 @@ impl fmt::Display for Outcome {
 }
 
 /// A snapshot of a [`Parker`](crate::Parker)'s counters since it was built.
+///
+/// Outcomes are counted when a call is served: a caller that went away before (a client that
+/// disconnected) is not counted, though the flight it started still runs and counts in
+/// `executions`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Calls served from the TTL window.
@@ -73,7 +77,8 @@ pub struct Stats {
     pub bypass: u64,
     /// Calls that waited past the wait timeout.
     pub timeout: u64,
-    /// How many times the work (the handler) ran, whoever ran it.
+    /// How many times the parker ran the work (the handler), whoever asked. Bypassed requests
+    /// run the handler outside the parker and count in `bypass` only.
     pub executions: u64,
     /// How many times the work panicked or failed.
     pub failures: u64,

@@ -49,11 +49,11 @@ type BeforeWait = Arc<dyn Fn(Key) -> BoxFuture<'static, ()> + Send + Sync>;
 ///
 /// ```
 /// use std::{convert::Infallible, time::Duration};
-/// use tower_parking::Parker;
+/// use tower_parking::{Parker, ParkerBuilder};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let parker: Parker<String> = Parker::builder().ttl(Duration::from_secs(60)).build();
+/// let parker: Parker<String> = ParkerBuilder::new().ttl(Duration::from_secs(60)).build();
 ///
 /// let fetch_token = || async { Ok::<_, Infallible>("token-42".to_string()) };
 /// let (a, b) = tokio::join!(parker.run("token", fetch_token), parker.run("token", fetch_token));
@@ -439,6 +439,12 @@ impl fmt::Debug for ParkerBuilder {
 }
 
 impl ParkerBuilder {
+    /// A builder with the defaults in the table above; the same as [`Parker::builder`], without
+    /// naming the value type until [`build`](ParkerBuilder::build).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Where windows and locks live: a [`MemoryBackend`] (one process) or a `RedisBackend`
     /// (every process on one Redis).
     pub fn backend(mut self, backend: impl Backend) -> Self {

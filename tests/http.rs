@@ -1,0 +1,1121 @@
+//! The layer through real axum routers: keys, bypasses, the header, the TTL window and every
+//! one-process row of DESIGN.md's "When things go wrong".
+//!
+//! Requests go through `Router::oneshot` (one test goes over a real TCP socket). Handlers wait at a
+//! [`Gate`] that opens once every request has joined its flight, so the counts asserted do not
+//! depend on scheduling.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    io,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::{
+    body::Body,
+    http::{
+        header::{AUTHORIZATION, CACHE_CONTROL, SET_COOKIE},
+        request::Parts,
+        HeaderMap, HeaderName, Method, Request, Response, StatusCode,
+    },
+    routing::{get, MethodRouter},
+    Router,
+};
+use bytes::Bytes;
+use common::{burst, within, Gate, Tally, DELIBERATE};
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+use tower_parking::{
+    ByHeader, Key, KeyFn, MemoryBackend, Parker, ParkingLayer, PerUser, SharedAcrossUsers, Stats,
+    StoredResponse, WaitTimeoutPolicy,
+};
+
+const X_RUN: HeaderName = HeaderName::from_static("x-run");
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A handler's shared state: how many times it ran, when it started, the gate it waits at.
+#[derive(Clone)]
+struct Handler {
+    runs: Arc<AtomicUsize>,
+    started: Arc<Tally>,
+    gate: Gate,
+}
+
+impl Handler {
+    fn held() -> Self {
+        Self {
+            runs: Arc::default(),
+            started: Tally::new(),
+            gate: Gate::closed(),
+        }
+    }
+
+    fn free() -> Self {
+        let handler = Self::held();
+        handler.gate.open();
+        handler
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    /// Counts a run, says it started, waits at the gate; returns the run's number.
+    async fn enter(&self) -> usize {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        self.started.bump();
+        self.gate.pass().await;
+        run
+    }
+
+    /// A route (`GET` and `POST`) whose response echoes the caller's `Authorization` (so a
+    /// response handed to the wrong user shows) and says which run produced it in `x-run`.
+    fn echo(&self) -> MethodRouter {
+        let handler = self.clone();
+        let echo = move |headers: HeaderMap| {
+            let handler = handler.clone();
+            async move {
+                let run = handler.enter().await;
+                let who = headers
+                    .get(AUTHORIZATION)
+                    .map_or("anonymous", |value| value.to_str().unwrap())
+                    .to_owned();
+                ([(X_RUN, run.to_string())], format!("report for {who}"))
+            }
+        };
+        get(echo.clone()).post(echo)
+    }
+}
+
+fn app(route: MethodRouter, layer: &ParkingLayer) -> Router {
+    Router::new().route("/report", route).layer(layer.clone())
+}
+
+/// What one caller received.
+#[derive(Debug)]
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Got {
+    async fn read<B>(response: Response<B>) -> Self
+    where
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let (parts, body) = response.into_parts();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|value| value.to_str().expect("ASCII header"))
+    }
+
+    fn parking(&self) -> Option<&str> {
+        self.header("x-parking")
+    }
+
+    fn run(&self) -> usize {
+        self.header("x-run")
+            .expect("x-run header")
+            .parse()
+            .expect("run number")
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("UTF-8 body")
+    }
+
+    /// Status, `x-parking` and body, for one-line assertions.
+    fn view(&self) -> (u16, Option<&str>, &str) {
+        (self.status.as_u16(), self.parking(), self.text())
+    }
+}
+
+async fn send(app: Router, request: Request<Body>) -> Got {
+    within(async {
+        let response = app.oneshot(request).await.expect("infallible");
+        Got::read(response).await
+    })
+    .await
+}
+
+fn request(method: Method, user: Option<&str>) -> Request<Body> {
+    let mut request = Request::builder().method(method).uri("/report");
+    if let Some(user) = user {
+        request = request.header(AUTHORIZATION, format!("Bearer {user}"));
+    }
+    request.body(Body::empty()).unwrap()
+}
+
+fn get_as(user: &str) -> Request<Body> {
+    request(Method::GET, Some(user))
+}
+
+fn anonymous_get() -> Request<Body> {
+    request(Method::GET, None)
+}
+
+/// `n` concurrent anonymous GETs, released together once all have joined.
+async fn get_burst(app: &Router, n: usize, gate: &Gate) -> Vec<Got> {
+    burst((0..n).map(|_| send(app.clone(), anonymous_get())), gate).await
+}
+
+fn parking_values(got: &[Got]) -> Vec<Option<&str>> {
+    got.iter().map(Got::parking).collect()
+}
+
+fn miss_then_coalesced(n: usize) -> Vec<Option<&'static str>> {
+    let mut expected = vec![Some("coalesced"); n];
+    expected[0] = Some("miss");
+    expected
+}
+
+#[tokio::test]
+async fn the_default_key_never_shares_a_response_between_users() {
+    let layer = ParkingLayer::new().ttl(MINUTE);
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+
+    let users = [
+        Some("alice"),
+        Some("bob"),
+        Some("alice"),
+        Some("bob"),
+        Some("alice"),
+        None,
+        Some("bob"),
+    ];
+    let got = burst(
+        users
+            .iter()
+            .map(|user| send(app.clone(), request(Method::GET, *user))),
+        &handler.gate,
+    )
+    .await;
+
+    assert_eq!(handler.runs(), 3, "one run per user");
+    let expected = [
+        (Some("miss"), "report for Bearer alice"),
+        (Some("miss"), "report for Bearer bob"),
+        (Some("coalesced"), "report for Bearer alice"),
+        (Some("coalesced"), "report for Bearer bob"),
+        (Some("coalesced"), "report for Bearer alice"),
+        (Some("miss"), "report for anonymous"),
+        (Some("coalesced"), "report for Bearer bob"),
+    ];
+    for (got, (parking, body)) in got.iter().zip(expected) {
+        assert_eq!(got.view(), (200, parking, body));
+    }
+    let run_of = |index: usize| got[index].run();
+    assert_eq!([run_of(2), run_of(4)], [run_of(0); 2]);
+    assert_eq!([run_of(3), run_of(6)], [run_of(1); 2]);
+    let mut runs = vec![run_of(0), run_of(1), run_of(5)];
+    runs.sort();
+    assert_eq!(
+        runs,
+        [1, 2, 3],
+        "each user's response came from that user's run"
+    );
+
+    let again = send(app.clone(), get_as("alice")).await;
+    assert_eq!(again.view(), (200, Some("hit"), "report for Bearer alice"));
+    assert_eq!(again.run(), run_of(0));
+    assert_eq!(handler.runs(), 3);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 3,
+            coalesced: 4,
+            hit: 1,
+            executions: 3,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn post_bypasses_and_runs_every_time() {
+    let layer = ParkingLayer::new().ttl(MINUTE);
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+
+    // Held at the gate together, yet each runs the handler: nothing coalesces a POST.
+    let got = burst(
+        (0..3).map(|_| send(app.clone(), request(Method::POST, Some("alice")))),
+        &handler.gate,
+    )
+    .await;
+    let mut runs: Vec<_> = got.iter().map(Got::run).collect();
+    runs.sort();
+    assert_eq!(runs, [1, 2, 3]);
+    for got in &got {
+        assert_eq!(got.view(), (200, Some("bypass"), "report for Bearer alice"));
+    }
+    assert_eq!(handler.runs(), 3);
+    // A bypassed request is not a run of parked work: `executions` counts only those.
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            bypass: 3,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panic_reaches_every_waiter_at_once_and_is_not_stored() {
+    common::quiet_deliberate_panics();
+    let layer = ParkingLayer::new().ttl(MINUTE);
+    let handler = Handler::held();
+    let route = get({
+        let handler = handler.clone();
+        move || {
+            let handler = handler.clone();
+            async move {
+                let run = handler.enter().await;
+                if run == 1 {
+                    panic!("{DELIBERATE} in the handler");
+                }
+                format!("fine in run {run}")
+            }
+        }
+    });
+    let app = app(route, &layer);
+
+    // `burst` fails the test if any waiter is still waiting after HANG.
+    let got = get_burst(&app, 4, &handler.gate).await;
+    assert_eq!(parking_values(&got), miss_then_coalesced(4));
+    for got in &got {
+        assert_eq!(
+            (got.status.as_u16(), got.text()),
+            (500, "the handler failed")
+        );
+    }
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(layer.parker().in_flight(), 0);
+
+    let next = send(app.clone(), anonymous_get()).await;
+    assert_eq!(next.view(), (200, Some("miss"), "fine in run 2"));
+    assert_eq!(handler.runs(), 2);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 2,
+            coalesced: 3,
+            executions: 2,
+            failures: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn an_inner_service_error_reaches_its_caller_and_the_others_get_500() {
+    let layer = ParkingLayer::new().ttl(MINUTE);
+    let handler = Handler::held();
+    let service = tower::service_fn({
+        let handler = handler.clone();
+        move |_request: Request<()>| {
+            let handler = handler.clone();
+            async move {
+                let run = handler.enter().await;
+                if run == 1 {
+                    return Err(io::Error::other("database down"));
+                }
+                Ok(Response::new(Full::new(Bytes::from(format!(
+                    "fine in run {run}"
+                )))))
+            }
+        }
+    });
+    let parking = layer.layer(service);
+    let call = || {
+        parking
+            .clone()
+            .oneshot(Request::get("/report").body(()).unwrap())
+    };
+
+    let results = burst((0..4).map(|_| call()), &handler.gate).await;
+    let mut results = results.into_iter();
+    let leader = results.next().unwrap();
+    assert_eq!(
+        leader
+            .expect_err("the leader's caller gets the service's own error")
+            .to_string(),
+        "database down"
+    );
+    for result in results {
+        let got = Got::read(result.expect("a response")).await;
+        assert_eq!(got.view(), (500, Some("coalesced"), "the handler failed"));
+    }
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(layer.parker().in_flight(), 0);
+
+    let next = Got::read(within(call()).await.expect("a response")).await;
+    assert_eq!(next.view(), (200, Some("miss"), "fine in run 2"));
+    assert_eq!(handler.runs(), 2);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 2,
+            coalesced: 3,
+            executions: 2,
+            failures: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+fn status_route(handler: &Handler, status: StatusCode) -> MethodRouter {
+    let handler = handler.clone();
+    get(move || {
+        let handler = handler.clone();
+        async move {
+            let run = handler.enter().await;
+            (
+                status,
+                [(X_RUN, run.to_string())],
+                format!("{status} from run {run}"),
+            )
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_status_that_is_not_storable_is_shared_with_waiters_but_not_kept() {
+    for status in [StatusCode::NOT_FOUND, StatusCode::INTERNAL_SERVER_ERROR] {
+        let layer = ParkingLayer::new().ttl(MINUTE);
+        let handler = Handler::held();
+        let app = app(status_route(&handler, status), &layer);
+
+        let got = get_burst(&app, 3, &handler.gate).await;
+        assert_eq!(parking_values(&got), miss_then_coalesced(3));
+        for got in &got {
+            assert_eq!(
+                (got.status, got.text()),
+                (status, &*format!("{status} from run 1"))
+            );
+        }
+        assert_eq!(handler.runs(), 1);
+
+        let next = send(app.clone(), anonymous_get()).await;
+        assert_eq!(
+            (next.status, next.parking(), next.text()),
+            (status, Some("miss"), &*format!("{status} from run 2"))
+        );
+        assert_eq!(handler.runs(), 2);
+        assert_eq!(
+            layer.stats(),
+            Stats {
+                miss: 2,
+                coalesced: 2,
+                executions: 2,
+                ..Stats::default()
+            }
+        );
+        assert_eq!(layer.parker().in_flight(), 0);
+    }
+}
+
+#[tokio::test]
+async fn storable_statuses_decide_what_is_kept() {
+    let layer = ParkingLayer::new()
+        .ttl(MINUTE)
+        .storable_statuses([StatusCode::OK, StatusCode::NOT_FOUND]);
+    let handler = Handler::free();
+    let app = app(status_route(&handler, StatusCode::NOT_FOUND), &layer);
+
+    let first = send(app.clone(), anonymous_get()).await;
+    let second = send(app.clone(), anonymous_get()).await;
+    assert_eq!(
+        first.view(),
+        (404, Some("miss"), "404 Not Found from run 1")
+    );
+    assert_eq!(
+        second.view(),
+        (404, Some("hit"), "404 Not Found from run 1")
+    );
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            hit: 1,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+/// The body run `run` streams: five 700-byte chunks, each saying which run and chunk it is.
+fn big_body(run: usize) -> Vec<Bytes> {
+    (0..5)
+        .map(|chunk| {
+            let mut bytes = format!("run {run} chunk {chunk} ").into_bytes();
+            bytes.resize(700, b'a' + chunk as u8);
+            Bytes::from(bytes)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_streams_whole_to_every_caller_and_is_not_kept() {
+    let layer = ParkingLayer::new().ttl(MINUTE).body_limit(1000);
+    let handler = Handler::held();
+    let streamed = get({
+        let handler = handler.clone();
+        move || {
+            let handler = handler.clone();
+            async move {
+                let run = handler.enter().await;
+                let chunks = big_body(run).into_iter().map(Ok::<_, Infallible>);
+                let body = Body::from_stream(futures_util::stream::iter(chunks));
+                ([(X_RUN, run.to_string())], body)
+            }
+        }
+    });
+    let announced = get({
+        let handler = handler.clone();
+        move || {
+            let handler = handler.clone();
+            async move {
+                let run = handler.enter().await;
+                ([(X_RUN, run.to_string())], vec![b'0' + run as u8; 5000])
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/report", streamed)
+        .route("/announced", announced)
+        .layer(layer.clone());
+
+    // Each waiter finds nothing it may share, so it runs the handler itself.
+    let got = get_burst(&app, 3, &handler.gate).await;
+    let mut runs = Vec::new();
+    for got in &got {
+        assert_eq!((got.status.as_u16(), got.parking()), (200, Some("miss")));
+        assert_eq!(got.body, big_body(got.run()).concat(), "run {}", got.run());
+        runs.push(got.run());
+    }
+    runs.sort();
+    assert_eq!(runs, [1, 2, 3]);
+
+    let next = send(app.clone(), anonymous_get()).await;
+    assert_eq!((next.parking(), next.run()), (Some("miss"), 4));
+    assert_eq!(next.body, big_body(4).concat());
+
+    // A body whose size is known up front to exceed the limit is not even buffered.
+    for run in [5, 6] {
+        let request = Request::get("/announced").body(Body::empty()).unwrap();
+        let got = send(app.clone(), request).await;
+        assert_eq!((got.parking(), got.run()), (Some("miss"), run));
+        assert_eq!(got.body, vec![b'0' + run as u8; 5000]);
+    }
+    assert_eq!(handler.runs(), 6);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 6,
+            executions: 6,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+/// The value of the header that makes run `run`'s response private.
+type MarkerValue = fn(usize) -> String;
+
+#[tokio::test]
+async fn a_private_response_is_never_handed_to_another_caller() {
+    let markers: [(HeaderName, MarkerValue); 3] = [
+        (SET_COOKIE, |run| format!("session=run-{run}")),
+        (CACHE_CONTROL, |run| format!("private, max-age={run}")),
+        (CACHE_CONTROL, |run| format!("no-store, x-run={run}")),
+    ];
+    for (name, value) in markers {
+        let layer = ParkingLayer::new().ttl(MINUTE);
+        let handler = Handler::held();
+        let route = get({
+            let handler = handler.clone();
+            let name = name.clone();
+            move || {
+                let handler = handler.clone();
+                let name = name.clone();
+                async move {
+                    let run = handler.enter().await;
+                    (
+                        [(name, value(run)), (X_RUN, run.to_string())],
+                        format!("private to run {run}"),
+                    )
+                }
+            }
+        });
+        let app = app(route, &layer);
+
+        let got = get_burst(&app, 3, &handler.gate).await;
+        let mut runs = Vec::new();
+        for got in &got {
+            let run = got.run();
+            assert_eq!(
+                got.view(),
+                (200, Some("miss"), &*format!("private to run {run}"))
+            );
+            assert_eq!(got.header(name.as_str()), Some(&*value(run)), "{name}");
+            runs.push(run);
+        }
+        runs.sort();
+        assert_eq!(
+            runs,
+            [1, 2, 3],
+            "{name}: each caller ran the handler itself"
+        );
+
+        let next = send(app.clone(), anonymous_get()).await;
+        assert_eq!(next.view(), (200, Some("miss"), "private to run 4"));
+        assert_eq!(handler.runs(), 4);
+        assert_eq!(
+            layer.stats(),
+            Stats {
+                miss: 4,
+                executions: 4,
+                ..Stats::default()
+            }
+        );
+        assert_eq!(layer.parker().in_flight(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_s_client_disconnecting_does_not_stop_the_handler() {
+    let layer = ParkingLayer::new().ttl(MINUTE);
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+
+    let leader = tokio::spawn(send(app.clone(), anonymous_get()));
+    handler.started.reached(1).await;
+    let joined = Tally::new();
+    let followers: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(common::tracked(
+                send(app.clone(), anonymous_get()),
+                Arc::clone(&joined),
+            ))
+        })
+        .collect();
+    joined.reached(3).await;
+
+    leader.abort();
+    assert!(leader.await.unwrap_err().is_cancelled());
+    handler.gate.open();
+
+    let got = within(futures_util::future::join_all(followers)).await;
+    for got in got {
+        let got = got.unwrap();
+        assert_eq!(got.view(), (200, Some("coalesced"), "report for anonymous"));
+        assert_eq!(got.run(), 1);
+    }
+    let stored = send(app.clone(), anonymous_get()).await;
+    assert_eq!(stored.view(), (200, Some("hit"), "report for anonymous"));
+    assert_eq!(handler.runs(), 1);
+    // The disconnected leader got no response, so no outcome is counted for it.
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            coalesced: 3,
+            hit: 1,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_inside_the_window_runs_nothing_and_after_it_runs_once() {
+    let ttl = Duration::from_secs(10);
+    let layer = ParkingLayer::new().ttl(ttl);
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+
+    let first = get_burst(&app, 4, &handler.gate).await;
+    assert_eq!(parking_values(&first), miss_then_coalesced(4));
+    assert!(first.iter().all(|got| got.run() == 1));
+
+    tokio::time::advance(ttl - Duration::from_millis(1)).await;
+    handler.gate.close();
+    let inside = get_burst(&app, 4, &handler.gate).await;
+    assert_eq!(parking_values(&inside), vec![Some("hit"); 4]);
+    assert!(inside.iter().all(|got| got.run() == 1));
+    assert_eq!(handler.runs(), 1, "inside the window: no run");
+
+    tokio::time::advance(Duration::from_millis(2)).await;
+    handler.gate.close();
+    let after = get_burst(&app, 4, &handler.gate).await;
+    assert_eq!(parking_values(&after), miss_then_coalesced(4));
+    assert!(after.iter().all(|got| got.run() == 2));
+    assert_eq!(handler.runs(), 2, "after the window: exactly one more run");
+
+    for got in first.iter().chain(&inside).chain(&after) {
+        assert_eq!(
+            (got.status.as_u16(), got.text()),
+            (200, "report for anonymous")
+        );
+    }
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 2,
+            coalesced: 6,
+            hit: 4,
+            executions: 2,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+/// Coalesced, hit and bypass requests through `layer`: what each got.
+async fn one_of_each(layer: &ParkingLayer) -> Vec<Got> {
+    let handler = Handler::held();
+    let app = app(handler.echo(), layer);
+    let mut got = get_burst(&app, 2, &handler.gate).await;
+    got.push(send(app.clone(), anonymous_get()).await);
+    got.push(send(app.clone(), request(Method::POST, None)).await);
+    assert_eq!(handler.runs(), 2);
+    let runs: Vec<_> = got.iter().map(Got::run).collect();
+    assert_eq!(runs, [1, 1, 1, 2]);
+    for got in &got {
+        assert_eq!(
+            (got.status.as_u16(), got.text()),
+            (200, "report for anonymous")
+        );
+    }
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            coalesced: 1,
+            hit: 1,
+            bypass: 1,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+    got
+}
+
+#[tokio::test]
+async fn the_header_says_how_each_request_was_served_unless_turned_off() {
+    let got = one_of_each(&ParkingLayer::new().ttl(MINUTE)).await;
+    assert_eq!(
+        parking_values(&got),
+        [Some("miss"), Some("coalesced"), Some("hit"), Some("bypass")]
+    );
+
+    let got = one_of_each(&ParkingLayer::new().ttl(MINUTE).status_header(false)).await;
+    assert_eq!(parking_values(&got), [None; 4]);
+}
+
+/// A leader held at the gate, then a second request that gives up waiting for it after 100 ms.
+async fn a_request_past_the_wait_timeout(
+    policy: WaitTimeoutPolicy,
+) -> (ParkingLayer, Router, Handler, Got) {
+    let layer = ParkingLayer::new()
+        .ttl(MINUTE)
+        .wait_timeout(Duration::from_millis(100))
+        .on_wait_timeout(policy);
+    let handler = Handler::held();
+    let route = get({
+        let handler = handler.clone();
+        move || {
+            let handler = handler.clone();
+            async move {
+                let run = handler.runs.fetch_add(1, Ordering::SeqCst) + 1;
+                handler.started.bump();
+                if run == 1 {
+                    handler.gate.pass().await;
+                }
+                ([(X_RUN, run.to_string())], format!("from run {run}"))
+            }
+        }
+    });
+    let app = app(route, &layer);
+
+    let leader = tokio::spawn(send(app.clone(), anonymous_get()));
+    handler.started.reached(1).await;
+    let start = Instant::now();
+    let follower = send(app.clone(), anonymous_get()).await;
+    let waited = start.elapsed();
+    assert!(
+        (Duration::from_millis(100)..=Duration::from_millis(101)).contains(&waited),
+        "waited {waited:?}"
+    );
+
+    handler.gate.open();
+    let leader = within(leader).await.unwrap();
+    assert_eq!(leader.view(), (200, Some("miss"), "from run 1"));
+    (layer, app, handler, follower)
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_wait_timeout_a_request_runs_the_handler_itself_and_stores_nothing() {
+    let (layer, app, handler, follower) =
+        a_request_past_the_wait_timeout(WaitTimeoutPolicy::RunLocally).await;
+    assert_eq!(follower.view(), (200, Some("timeout"), "from run 2"));
+
+    let next = send(app, anonymous_get()).await;
+    assert_eq!(
+        next.view(),
+        (200, Some("hit"), "from run 1"),
+        "the leader's response is kept"
+    );
+    assert_eq!(handler.runs(), 2);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            timeout: 1,
+            hit: 1,
+            executions: 2,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_wait_timeout_a_request_gets_504_when_told_to() {
+    let (layer, _, handler, follower) =
+        a_request_past_the_wait_timeout(WaitTimeoutPolicy::Fail).await;
+    assert_eq!(
+        follower.view(),
+        (
+            504,
+            Some("timeout"),
+            "timed out waiting for a parked request"
+        )
+    );
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            timeout: 1,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_stored_entry_that_does_not_decode_is_a_miss_and_is_overwritten() {
+    let backend = MemoryBackend::new();
+    let garbage = Parker::<Bytes>::builder()
+        .backend(backend.clone())
+        .ttl(MINUTE)
+        .build::<Bytes>();
+    garbage
+        .run("report", || async {
+            Ok::<_, Infallible>(Bytes::from_static(b"not a stored response"))
+        })
+        .await
+        .unwrap();
+
+    let layer = ParkingLayer::new()
+        .ttl(MINUTE)
+        .backend(backend)
+        .key(|_: &Parts| Some(Key::new("report")));
+    let handler = Handler::free();
+    let app = app(handler.echo(), &layer);
+
+    let first = send(app.clone(), anonymous_get()).await;
+    assert_eq!(first.view(), (200, Some("miss"), "report for anonymous"));
+    let second = send(app.clone(), anonymous_get()).await;
+    assert_eq!(second.view(), (200, Some("hit"), "report for anonymous"));
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            hit: 1,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_layers_on_one_backend_park_each_other() {
+    let backend = MemoryBackend::new();
+    let waiting = Tally::new();
+    let first = ParkingLayer::new().ttl(MINUTE).backend(backend.clone());
+    let second = ParkingLayer::new().parker_builder(
+        Parker::<StoredResponse>::builder()
+            .backend(backend)
+            .ttl(MINUTE)
+            .before_wait({
+                let waiting = Arc::clone(&waiting);
+                move |_key| {
+                    waiting.bump();
+                    Box::pin(async {})
+                }
+            }),
+    );
+    let handler = Handler::held();
+    let first_app = app(handler.echo(), &first);
+    let second_app = app(handler.echo(), &second);
+
+    let leader = tokio::spawn(send(first_app, anonymous_get()));
+    handler.started.reached(1).await;
+    let parked = tokio::spawn(send(second_app.clone(), anonymous_get()));
+    waiting.reached(1).await;
+    handler.gate.open();
+
+    assert_eq!(
+        within(leader).await.unwrap().view(),
+        (200, Some("miss"), "report for anonymous")
+    );
+    assert_eq!(
+        within(parked).await.unwrap().view(),
+        (200, Some("parked"), "report for anonymous")
+    );
+    let hit = send(second_app, anonymous_get()).await;
+    assert_eq!(hit.view(), (200, Some("hit"), "report for anonymous"));
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(
+        first.stats(),
+        Stats {
+            miss: 1,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(
+        second.stats(),
+        Stats {
+            parked: 1,
+            hit: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(
+        (first.parker().in_flight(), second.parker().in_flight()),
+        (0, 0)
+    );
+}
+
+#[tokio::test]
+async fn shared_across_users_serves_one_response_to_every_user() {
+    let layer = ParkingLayer::new().ttl(MINUTE).key(SharedAcrossUsers);
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+
+    let got = burst(
+        ["alice", "bob", "carol"].map(|user| send(app.clone(), get_as(user))),
+        &handler.gate,
+    )
+    .await;
+    assert_eq!(parking_values(&got), miss_then_coalesced(3));
+    // The opt-in means exactly this: bob and carol get the response made for alice.
+    assert!(got
+        .iter()
+        .all(|got| got.text() == "report for Bearer alice"));
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            coalesced: 2,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn by_header_shares_within_a_tenant_only() {
+    let layer = ParkingLayer::new()
+        .ttl(MINUTE)
+        .key(ByHeader::new(HeaderName::from_static("x-tenant")));
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+    let as_tenant = |tenant: &str, user: &str| {
+        let mut request = get_as(user);
+        request
+            .headers_mut()
+            .insert("x-tenant", tenant.parse().unwrap());
+        request
+    };
+
+    let got = burst(
+        [
+            as_tenant("acme", "alice"),
+            as_tenant("globex", "bob"),
+            as_tenant("acme", "carol"),
+        ]
+        .map(|request| send(app.clone(), request)),
+        &handler.gate,
+    )
+    .await;
+    assert_eq!(
+        got[0].view(),
+        (200, Some("miss"), "report for Bearer alice")
+    );
+    assert_eq!(got[1].view(), (200, Some("miss"), "report for Bearer bob"));
+    assert_eq!(
+        got[2].view(),
+        (200, Some("coalesced"), "report for Bearer alice")
+    );
+    assert_eq!(handler.runs(), 2);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 2,
+            coalesced: 1,
+            executions: 2,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_key_closure_returning_none_bypasses() {
+    let layer = ParkingLayer::new().ttl(MINUTE).key(|parts: &Parts| {
+        (!parts.headers.contains_key("x-fresh")).then(|| Key::new(parts.uri.path()))
+    });
+    let handler = Handler::free();
+    let app = app(handler.echo(), &layer);
+    let fresh = || {
+        let mut request = anonymous_get();
+        request
+            .headers_mut()
+            .insert("x-fresh", "1".parse().unwrap());
+        request
+    };
+
+    let parked = send(app.clone(), anonymous_get()).await;
+    let fresh_1 = send(app.clone(), fresh()).await;
+    let fresh_2 = send(app.clone(), fresh()).await;
+    let hit = send(app.clone(), anonymous_get()).await;
+    assert_eq!(
+        [&parked, &fresh_1, &fresh_2, &hit].map(|got| (got.parking(), got.run())),
+        [
+            (Some("miss"), 1),
+            (Some("bypass"), 2),
+            (Some("bypass"), 3),
+            (Some("hit"), 1)
+        ]
+    );
+    assert_eq!(handler.runs(), 3);
+    assert_eq!(
+        layer.stats(),
+        Stats {
+            miss: 1,
+            hit: 1,
+            bypass: 2,
+            executions: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_real_socket_users_are_isolated_and_share_their_own_run() {
+    // The default key, counted: a request has reached the layer once its key is taken.
+    let keyed = Tally::new();
+    let layer = ParkingLayer::new().ttl(MINUTE).key({
+        let keyed = Arc::clone(&keyed);
+        move |parts: &Parts| {
+            keyed.bump();
+            PerUser.key(parts)
+        }
+    });
+    let handler = Handler::held();
+    let app = app(handler.echo(), &layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let call = |method: Method, user: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{address}/report"))
+            .header(AUTHORIZATION, format!("Bearer {user}"))
+            .body(Empty::new())
+            .unwrap();
+        let client = client.clone();
+        async move { Got::read(client.request(request).await.expect("response")).await }
+    };
+
+    let users = ["alice", "bob"].repeat(8);
+    let requests: Vec<_> = users
+        .iter()
+        .map(|user| tokio::spawn(call(Method::GET, user)))
+        .collect();
+    keyed.reached(users.len()).await;
+    handler.gate.open();
+    let got = within(futures_util::future::join_all(requests)).await;
+
+    let mut runs_by_user = std::collections::BTreeMap::<&str, Vec<usize>>::new();
+    for (user, got) in users.iter().zip(got) {
+        let got = got.unwrap();
+        assert_eq!(
+            (got.status.as_u16(), got.text()),
+            (200, &*format!("report for Bearer {user}"))
+        );
+        runs_by_user.entry(user).or_default().push(got.run());
+        let parking = got.parking().unwrap();
+        // Keyed but maybe not yet joined when the gate opened: then served from the window.
+        assert!(["miss", "coalesced", "hit"].contains(&parking), "{parking}");
+    }
+    assert_eq!(handler.runs(), 2, "one run per user, over 16 requests");
+    for runs in runs_by_user.values() {
+        assert!(runs.iter().all(|run| *run == runs[0]), "{runs_by_user:?}");
+    }
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.miss, stats.coalesced + stats.hit, stats.executions),
+        (2, 14, 2)
+    );
+
+    let hit = within(call(Method::GET, "alice")).await;
+    assert_eq!(hit.view(), (200, Some("hit"), "report for Bearer alice"));
+    let bypass = within(call(Method::POST, "alice")).await;
+    assert_eq!(
+        bypass.view(),
+        (200, Some("bypass"), "report for Bearer alice")
+    );
+    assert_eq!((bypass.run(), handler.runs()), (3, 3));
+    assert_eq!(layer.parker().in_flight(), 0);
+    server.abort();
+}
