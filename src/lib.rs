@@ -49,6 +49,8 @@ mod response;
 mod value;
 
 pub use backend::{Backend, BackendError, FailurePolicy, LeaseSettings, MemoryBackend};
+#[cfg(feature = "redis")]
+pub use backend::{RedisBackend, RedisBackendBuilder, RedisSetupError};
 pub use body::{BoxError, ParkingBody};
 pub use error::ParkError;
 pub use key::{ByHeader, Key, KeyFn, PerUser, SharedAcrossUsers};

@@ -20,6 +20,8 @@ mod memory;
 pub mod redis;
 
 pub use memory::MemoryBackend;
+#[cfg(feature = "redis")]
+pub use redis::{RedisBackend, RedisBackendBuilder, RedisSetupError};
 
 /// A boxed future, as returned by every [`Backend`] method.
 pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;

@@ -1,1 +1,518 @@
-//! The Redis backend (work in progress).
+//! The Redis backend: windows and locks shared by every process on one Redis.
+//!
+//! For a parking key `K` with hash `H` (the first 128 bits of SHA-256 of `K`, in hex, see
+//! [`Key::digest_hex`]) and the prefix `P` (default `parking:`) it uses three Redis keys, whose
+//! braces are a cluster hash tag that keeps them in one slot:
+//!
+//! | key | holds | lives |
+//! |---|---|---|
+//! | `P{H}:resp` | the stored value | `PX ttl` |
+//! | `P{H}:lock` | `<fence>:<nonce>`, the leader's token | `PX lease`, renewed |
+//! | `P{H}:fence` | a counter that orders acquisitions | a few leases |
+//!
+//! Every operation is one Lua script (one round trip). Followers wait on keyspace notifications
+//! through one subscriber connection per backend.
+
+use std::{
+    collections::hash_map::RandomState,
+    fmt,
+    hash::{BuildHasher, Hasher},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use fred::{
+    clients::{Client, SubscriberClient},
+    error::ErrorKind,
+    interfaces::ClientLike,
+    types::{ClientState, Value},
+};
+use tokio::{task::JoinHandle, time::Instant};
+
+use super::{
+    Acquire, Backend, BackendError, BackendFuture, FailurePolicy, Lease, LeaseSettings, Lookup,
+    Wake,
+};
+use crate::Key;
+
+mod builder;
+mod scripts;
+mod waiter;
+
+pub use builder::{RedisBackendBuilder, RedisSetupError};
+
+use scripts::{Script, Scripts};
+use waiter::{CommandConnection, Waiters};
+
+/// How long past a lock's `PTTL` a waiter sleeps before it looks again, when no notification
+/// came: Redis fires `expired` when it notices the expiry, which can be a little late.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
+
+/// Windows and locks in Redis, shared by every process that uses the same Redis and prefix: the
+/// work runs once per key per TTL window across all of them.
+///
+/// Each backend holds two connections, however many requests and keys it serves: one for
+/// commands, one subscribed to keyspace notifications that wake parked callers the moment the
+/// leader stores its value or lets go of its lock. Clones share both.
+///
+/// Redis must send keyspace notifications for the `K`, `g`, `$` and `x` classes
+/// (`notify-keyspace-events`): [`build`](RedisBackendBuilder::build) checks, and turns them on
+/// only if asked to with [`enable_keyspace_events`](RedisBackendBuilder::enable_keyspace_events).
+///
+/// When Redis is down or slower than the [command
+/// timeout](RedisBackendBuilder::command_timeout), every operation fails within that timeout and
+/// the [failure policy](RedisBackendBuilder::failure_policy) applies; the connections come back by
+/// themselves when Redis does.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_parking::{ParkingLayer, RedisBackend};
+///
+/// # async fn example() -> Result<(), tower_parking::RedisSetupError> {
+/// let backend = RedisBackend::builder("redis://127.0.0.1:6379")
+///     .prefix("myapp:parking:")
+///     .lease(Duration::from_secs(10))
+///     .enable_keyspace_events(true)
+///     .build()
+///     .await?;
+/// let layer = ParkingLayer::new()
+///     .ttl(Duration::from_secs(30))
+///     .backend(backend);
+/// # drop(layer);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    subscriber: SubscriberClient,
+    scripts: Scripts,
+    waiters: Arc<Waiters>,
+    command_connection: Arc<CommandConnection>,
+    dispatcher: JoinHandle<()>,
+    prefix: String,
+    lease: LeaseSettings,
+    command_timeout: Duration,
+    failure_policy: FailurePolicy,
+    nonces: Nonces,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+        let (client, subscriber) = (self.client.clone(), self.subscriber.clone());
+        // Closing the connections needs the runtime; without one they close with it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::join!(client.quit(), subscriber.quit());
+            });
+        }
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.inner.prefix)
+            .field("lease", &self.inner.lease)
+            .field("command_timeout", &self.inner.command_timeout)
+            .field("failure_policy", &self.inner.failure_policy)
+            .field("state", &self.inner.client.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Redis key names of one parking key.
+struct RedisKeys {
+    /// The parking key's digest: the name its waiters register under.
+    hash: String,
+    resp: String,
+    lock: String,
+    fence: String,
+}
+
+/// Unique lock tokens: a random per-backend part and a counter.
+#[derive(Debug)]
+struct Nonces {
+    instance: u64,
+    next: AtomicU64,
+}
+
+impl Nonces {
+    fn new() -> Self {
+        // `RandomState` is seeded from the OS's randomness; the clock and pid only add to it.
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        hasher.write_u32(std::process::id());
+        Self {
+            instance: hasher.finish(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{n:x}", self.instance)
+    }
+}
+
+impl RedisBackend {
+    /// Connects with the default settings of [`RedisBackendBuilder`]: the same as
+    /// `RedisBackend::builder(url).build().await`.
+    pub async fn connect(url: &str) -> Result<Self, RedisSetupError> {
+        Self::builder(url).build().await
+    }
+
+    /// Starts building a backend on the Redis at `url`: `redis://`, `rediss://` (TLS),
+    /// `redis+unix:///path/to/redis.sock`, or `redis-sentinel://` with a `sentinelServiceName`, as
+    /// [fred](https://docs.rs/fred) reads them. A database in the path (`redis://host/2`) is
+    /// honoured.
+    pub fn builder(url: impl Into<String>) -> RedisBackendBuilder {
+        RedisBackendBuilder::new(url.into())
+    }
+
+    /// The prefix of every Redis key this backend uses.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// How many keys callers of this backend are waiting on now (0 once every wait ended).
+    pub fn waiting_keys(&self) -> usize {
+        self.inner.waiters.keys_waited_on()
+    }
+
+    fn keys(&self, key: &Key) -> RedisKeys {
+        let prefix = &self.inner.prefix;
+        let hash = key.digest_hex();
+        RedisKeys {
+            resp: format!("{prefix}{{{hash}}}:resp"),
+            lock: format!("{prefix}{{{hash}}}:lock"),
+            fence: format!("{prefix}{{{hash}}}:fence"),
+            hash,
+        }
+    }
+
+    /// How long a fence counter outlives the last acquisition or renewal of its key. Safety does
+    /// not depend on it (a counter created again starts above every earlier number); it only
+    /// bounds how late a leader that lost its lease, with nobody taking over, may still store.
+    fn fence_ttl(lease: Duration) -> Duration {
+        lease * 2 + Duration::from_secs(1)
+    }
+
+    /// Runs a script with the command timeout, failing at once while Redis is disconnected.
+    async fn run(
+        &self,
+        operation: &'static str,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, Failure> {
+        let inner = &*self.inner;
+        if !inner.command_connection.is_up() || inner.client.state() != ClientState::Connected {
+            return Err(Failure {
+                error: BackendError::new(format_args!(
+                    "{operation}: not connected to Redis (reconnecting)"
+                )),
+                may_still_run: false,
+            });
+        }
+        match tokio::time::timeout(inner.command_timeout, script.run(&inner.client, keys, args))
+            .await
+        {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(error)) => Err(Failure {
+                may_still_run: *error.kind() == ErrorKind::Timeout,
+                error: BackendError::new(format_args!("{operation}: {error}")),
+            }),
+            Err(_) => Err(Failure {
+                error: BackendError::new(format_args!(
+                    "{operation}: Redis did not answer within {:?}",
+                    inner.command_timeout
+                )),
+                may_still_run: true,
+            }),
+        }
+    }
+
+    /// Looks at the stored value and the lock without taking anything.
+    async fn peek_remote(&self, keys: &RedisKeys) -> Result<Peeked, BackendError> {
+        let reply = self
+            .run(
+                "wait",
+                &self.inner.scripts.peek,
+                vec![keys.resp.clone(), keys.lock.clone()],
+                vec![],
+            )
+            .await?;
+        match Reply::parse("wait", reply)? {
+            Reply::Fresh(value) => Ok(Peeked::Stored(value)),
+            Reply::Held(-2) => Ok(Peeked::Free),
+            Reply::Held(pttl) => Ok(Peeked::Held(self.remaining(pttl))),
+            Reply::Acquired { .. } => Err(unexpected("wait", "an acquisition")),
+        }
+    }
+
+    /// Releases the lock an acquire that timed out may still take when a slow Redis gets to it, so
+    /// nobody waits a whole lease for a leader that does not know it leads. Sent on the same
+    /// connection, after the acquire: Redis runs it after the acquire, if it runs that at all.
+    fn abandon(&self, lock: String, nonce: String) {
+        let backend = self.clone();
+        tokio::spawn(async move {
+            let suffix = format!(":{nonce}");
+            let scripts = &backend.inner.scripts;
+            if let Err(failure) = backend
+                .run("abandon", &scripts.abandon, vec![lock], vec![suffix.into()])
+                .await
+            {
+                tracing::debug!(error = %failure.error, "could not abandon a timed-out acquisition: its lock lives until its lease ends");
+            }
+        });
+    }
+
+    /// A lock's remaining life from its `PTTL` (-1, no expiry, which only a foreign writer could
+    /// cause, counts as a full lease).
+    fn remaining(&self, pttl: i64) -> Duration {
+        u64::try_from(pttl).map_or(self.inner.lease.lease, Duration::from_millis)
+    }
+}
+
+/// A script call that failed.
+struct Failure {
+    error: BackendError,
+    /// The command timed out after it was sent: a slow Redis may still run it.
+    may_still_run: bool,
+}
+
+impl From<Failure> for BackendError {
+    fn from(failure: Failure) -> Self {
+        failure.error
+    }
+}
+
+enum Peeked {
+    Stored(Bytes),
+    Held(Duration),
+    Free,
+}
+
+/// The tagged reply of the acquire and peek scripts.
+enum Reply {
+    Fresh(Bytes),
+    Acquired { fence: u64, token: String },
+    Held(i64),
+}
+
+impl Reply {
+    fn parse(operation: &str, reply: Value) -> Result<Self, BackendError> {
+        let mut items = reply.into_array().into_iter();
+        let tag = items.next().and_then(|tag| tag.as_string());
+        let parsed = match tag.as_deref() {
+            Some("fresh") => items.next().and_then(Value::into_bytes).map(Reply::Fresh),
+            Some("held") => items.next().and_then(|pttl| pttl.as_i64()).map(Reply::Held),
+            Some("acquired") => {
+                let fence = items.next().and_then(|fence| fence.as_u64());
+                let token = items.next().and_then(|token| token.into_string());
+                fence
+                    .zip(token)
+                    .map(|(fence, token)| Reply::Acquired { fence, token })
+            }
+            _ => None,
+        };
+        parsed.ok_or_else(|| unexpected(operation, "a malformed reply"))
+    }
+}
+
+fn unexpected(operation: &str, what: &str) -> BackendError {
+    BackendError::new(format_args!(
+        "{operation}: unexpected script reply ({what}); is another program writing under this prefix?"
+    ))
+}
+
+fn millis(duration: Duration) -> Value {
+    // Redis refuses a zero `PX`; a sub-millisecond duration rounds up to 1 ms.
+    Value::Integer(i64::try_from(duration.as_millis().max(1)).unwrap_or(i64::MAX))
+}
+
+fn is_one(reply: &Value) -> bool {
+    reply.as_i64() == Some(1)
+}
+
+impl Backend for RedisBackend {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a Key,
+        lease: Duration,
+        lookup: Lookup,
+    ) -> BackendFuture<'a, Acquire> {
+        Box::pin(async move {
+            let keys = self.keys(key);
+            let check = match lookup {
+                Lookup::Check => "1",
+                Lookup::Skip => "0",
+            };
+            let nonce = self.inner.nonces.next();
+            let reply = self
+                .run(
+                    "acquire",
+                    &self.inner.scripts.acquire,
+                    vec![keys.resp, keys.lock.clone(), keys.fence],
+                    vec![
+                        Value::from_static_str(check),
+                        millis(lease),
+                        nonce.as_str().into(),
+                        millis(Self::fence_ttl(lease)),
+                    ],
+                )
+                .await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(failure) => {
+                    if failure.may_still_run {
+                        self.abandon(keys.lock, nonce);
+                    }
+                    return Err(failure.error);
+                }
+            };
+            Ok(match Reply::parse("acquire", reply)? {
+                Reply::Fresh(value) => Acquire::Fresh(value),
+                Reply::Acquired { fence, token } => {
+                    Acquire::Acquired(Lease::new(key.clone(), fence, token, lease))
+                }
+                Reply::Held(pttl) => Acquire::Held {
+                    expires_in: self.remaining(pttl),
+                },
+            })
+        })
+    }
+
+    fn renew<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, bool> {
+        Box::pin(async move {
+            let keys = self.keys(lease.key());
+            let reply = self
+                .run(
+                    "renew",
+                    &self.inner.scripts.renew,
+                    vec![keys.lock, keys.fence],
+                    vec![
+                        lease.token().into(),
+                        millis(lease.duration()),
+                        millis(Self::fence_ttl(lease.duration())),
+                    ],
+                )
+                .await?;
+            Ok(is_one(&reply))
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        lease: &'a Lease,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BackendFuture<'a, bool> {
+        Box::pin(async move {
+            let keys = self.keys(lease.key());
+            let reply = self
+                .run(
+                    "complete",
+                    &self.inner.scripts.complete,
+                    vec![keys.resp, keys.lock, keys.fence],
+                    vec![
+                        lease.token().into(),
+                        lease.fence().to_string().into(),
+                        Value::Bytes(value),
+                        millis(ttl),
+                    ],
+                )
+                .await?;
+            Ok(is_one(&reply))
+        })
+    }
+
+    fn release<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, ()> {
+        Box::pin(async move {
+            let keys = self.keys(lease.key());
+            self.run(
+                "release",
+                &self.inner.scripts.release,
+                vec![keys.lock],
+                vec![lease.token().into()],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn wait<'a>(&'a self, key: &'a Key, deadline: Option<Instant>) -> BackendFuture<'a, Wake> {
+        Box::pin(async move {
+            let keys = self.keys(key);
+            let registration = self.inner.waiters.register(&keys.hash);
+            loop {
+                // Armed before the re-check: a change after it wakes us even if it lands before
+                // we start waiting.
+                let changed = registration.armed();
+                let expires_in = match self.peek_remote(&keys).await? {
+                    Peeked::Stored(value) => return Ok(Wake::Stored(value)),
+                    Peeked::Free => return Ok(Wake::Released),
+                    Peeked::Held(expires_in) => expires_in,
+                };
+                let now = Instant::now();
+                if deadline.is_some_and(|deadline| deadline <= now) {
+                    return Ok(Wake::TimedOut);
+                }
+                // Notifications are fire-and-forget: a dead leader's lock is looked at again
+                // once it should have expired, notified or not.
+                let look_again = now + expires_in + EXPIRY_MARGIN;
+                match deadline {
+                    Some(deadline) if deadline <= look_again => {
+                        tokio::select! {
+                            () = changed => {}
+                            () = tokio::time::sleep_until(deadline) => return Ok(Wake::TimedOut),
+                        }
+                    }
+                    _ => {
+                        tokio::select! {
+                            () = changed => {}
+                            () = tokio::time::sleep_until(look_again) => {}
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn invalidate<'a>(&'a self, key: &'a Key) -> BackendFuture<'a, ()> {
+        Box::pin(async move {
+            let keys = self.keys(key);
+            self.run(
+                "invalidate",
+                &self.inner.scripts.invalidate,
+                vec![keys.resp, keys.lock, keys.fence],
+                vec![millis(Self::fence_ttl(self.inner.lease.lease))],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn lease_settings(&self) -> LeaseSettings {
+        self.inner.lease
+    }
+
+    fn failure_policy(&self) -> FailurePolicy {
+        self.inner.failure_policy
+    }
+}

@@ -1,0 +1,574 @@
+//! Building a [`RedisBackend`]: settings, connections, and the server settings check.
+
+use std::{error::Error as StdError, fmt, sync::Arc, time::Duration};
+
+use fred::{
+    clients::{Client, SubscriberClient},
+    error::{Error as FredError, ErrorKind},
+    interfaces::{ClientLike, ConfigInterface, KeysInterface, PubsubInterface},
+    types::{
+        config::{Config, ReconnectPolicy},
+        Builder, Expiration, Value,
+    },
+};
+
+use super::{
+    scripts::Scripts,
+    waiter::{self, CommandConnection, Streams, Waiters},
+    Inner, Nonces, RedisBackend,
+};
+use crate::{BoxError, FailurePolicy, LeaseSettings};
+
+/// The keyspace-notification classes the backend needs: `K` (keyspace channel), `g` (`del`), `$`
+/// (`set`) and `x` (`expired`).
+const NEEDED_FLAGS: [char; 4] = ['K', 'g', '$', 'x'];
+
+/// What the `A` flag of `notify-keyspace-events` stands for.
+const ALIAS_ALL: &str = "g$lshzxetd";
+
+/// The notify-keyspace-events setting.
+const SETTING: &str = "notify-keyspace-events";
+
+/// Characters a prefix may not hold: they would break the keyspace pattern (a glob) or the cluster
+/// hash tag (the first `{...}` of a key name).
+const FORBIDDEN_IN_PREFIX: &[char] = &['{', '}', '*', '?', '[', ']', '\\'];
+
+/// How many keyspace notifications may queue between the subscriber connection and the
+/// dispatcher before the dispatcher wakes every waiter to re-check instead.
+const NOTIFICATION_BACKLOG: usize = 16 * 1024;
+
+/// Builds a [`RedisBackend`].
+///
+/// | setting | default |
+/// |---|---|
+/// | [`prefix`](RedisBackendBuilder::prefix) | `"parking:"` |
+/// | [`lease`](RedisBackendBuilder::lease) | 10 seconds |
+/// | [`renew_every`](RedisBackendBuilder::renew_every) | a third of the lease |
+/// | [`command_timeout`](RedisBackendBuilder::command_timeout) | 1 second |
+/// | [`failure_policy`](RedisBackendBuilder::failure_policy) | [`FailurePolicy::FailOpen`] |
+/// | [`enable_keyspace_events`](RedisBackendBuilder::enable_keyspace_events) | `false` |
+#[derive(Debug, Clone)]
+pub struct RedisBackendBuilder {
+    url: String,
+    prefix: String,
+    lease: Duration,
+    renew_every: Option<Duration>,
+    command_timeout: Duration,
+    failure_policy: FailurePolicy,
+    enable_keyspace_events: bool,
+}
+
+impl RedisBackendBuilder {
+    pub(super) fn new(url: String) -> Self {
+        Self {
+            url,
+            prefix: "parking:".into(),
+            lease: Duration::from_secs(10),
+            renew_every: None,
+            command_timeout: Duration::from_secs(1),
+            failure_policy: FailurePolicy::FailOpen,
+            enable_keyspace_events: false,
+        }
+    }
+
+    /// The prefix of every Redis key the backend uses (default `"parking:"`). Backends with the
+    /// same prefix on the same Redis act as one; give unrelated applications different prefixes.
+    ///
+    /// It may not be empty, nor hold whitespace or any of `{ } * ? [ ] \`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a leader's lock lives without renewal (default 10 seconds): the longest the
+    /// followers of a leader that died wait before one of them takes over.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often a running leader renews its lease (default: a third of the lease). Must be
+    /// shorter than the lease.
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = Some(every);
+        self
+    }
+
+    /// How long any Redis command may take before it counts as failed (default 1 second). A
+    /// failed command applies the [failure policy](RedisBackendBuilder::failure_policy).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// What requests do when Redis is down or slow (default: [`FailurePolicy::FailOpen`], served
+    /// with in-process coalescing only).
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Whether [`build`](RedisBackendBuilder::build) may turn on the keyspace notifications the
+    /// backend needs with `CONFIG SET` when they are off (default `false`: it fails with
+    /// [`RedisSetupError::KeyspaceEventsDisabled`], which says what to set). Flags already set are
+    /// kept. The setting is not persisted to `redis.conf`, so a restarted Redis needs it again
+    /// (the next build does it), and on a replicated setup only the current primary gets it.
+    pub fn enable_keyspace_events(mut self, enable: bool) -> Self {
+        self.enable_keyspace_events = enable;
+        self
+    }
+
+    /// Connects (one command connection, one subscriber connection), subscribes to the keyspace
+    /// notifications under the prefix, checks the server's `notify-keyspace-events` setting and
+    /// loads the scripts.
+    pub async fn build(self) -> Result<RedisBackend, RedisSetupError> {
+        validate_prefix(&self.prefix)?;
+        let renew_every = self.renew_every.unwrap_or(self.lease / 3);
+        if self.lease < Duration::from_millis(1)
+            || renew_every.is_zero()
+            || renew_every >= self.lease
+        {
+            return Err(RedisSetupError::InvalidLease {
+                lease: self.lease,
+                renew_every,
+            });
+        }
+        let config = parse_url(&self.url)?;
+        if config.server.is_clustered() {
+            return Err(RedisSetupError::ClusterNotSupported);
+        }
+        let db = config.database.unwrap_or(0);
+        let (client, subscriber) = self.clients(config)?;
+
+        client.init().await.map_err(connect_error)?;
+        if let Err(error) = subscriber.init().await {
+            let _ = client.quit().await;
+            return Err(connect_error(error));
+        }
+        let quit = || async {
+            let _ = tokio::join!(client.quit(), subscriber.quit());
+        };
+
+        // The streams exist before the subscription is acknowledged: nothing after it is lost.
+        let streams = Streams::of(&client, &subscriber);
+        let patterns = waiter::keyspace_patterns(db, &self.prefix);
+        if let Err(error) = subscriber.psubscribe(patterns.clone()).await {
+            quit().await;
+            return Err(setup_error(error));
+        }
+        let scripts = match Scripts::load(&client).await {
+            Ok(scripts) => scripts,
+            Err(error) => {
+                quit().await;
+                return Err(setup_error(error));
+            }
+        };
+        let waiters = Arc::new(Waiters::default());
+        let command_connection = Arc::new(CommandConnection::new());
+        let dispatcher = tokio::spawn(waiter::dispatch(
+            Arc::clone(&waiters),
+            Arc::clone(&command_connection),
+            subscriber.clone(),
+            patterns,
+            self.prefix.clone(),
+            streams,
+        ));
+        // From here on, dropping the backend closes the connections and stops the dispatcher.
+        let backend = RedisBackend {
+            inner: Arc::new(Inner {
+                client,
+                subscriber,
+                scripts,
+                waiters,
+                command_connection,
+                dispatcher,
+                prefix: self.prefix,
+                lease: LeaseSettings {
+                    lease: self.lease,
+                    renew_every,
+                },
+                command_timeout: self.command_timeout,
+                failure_policy: self.failure_policy,
+                nonces: Nonces::new(),
+            }),
+        };
+        check_keyspace_events(&backend, self.enable_keyspace_events).await?;
+        Ok(backend)
+    }
+
+    /// The command client and the subscriber client, not connected yet.
+    fn clients(&self, config: Config) -> Result<(Client, SubscriberClient), RedisSetupError> {
+        let mut builder = Builder::from_config(config);
+        let mut reconnect = ReconnectPolicy::new_exponential(0, 50, 1_000, 2);
+        reconnect.set_jitter(50);
+        builder
+            .set_policy(reconnect)
+            .with_connection_config(|connection| {
+                connection.connection_timeout = self.command_timeout.max(Duration::from_secs(2));
+                connection.internal_command_timeout = connection.connection_timeout;
+                // A command cut off by a dropped connection fails instead of running again on the
+                // next one: an acquire must not take a lock its caller never hears about.
+                connection.max_command_attempts = 1;
+                connection.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = self.command_timeout;
+            });
+        let client = builder.build().map_err(connect_error)?;
+        builder.with_performance_config(|performance| {
+            performance.broadcast_channel_capacity = NOTIFICATION_BACKLOG;
+        });
+        let subscriber = builder.build_subscriber_client().map_err(connect_error)?;
+        Ok((client, subscriber))
+    }
+}
+
+/// Reads the URL as fred does, after accepting `unix:///path` for `redis+unix:///path` and
+/// refusing schemes that are not Redis's (fred would read `http://host` as a Redis server).
+fn parse_url(url: &str) -> Result<Config, RedisSetupError> {
+    let url = match url.strip_prefix("unix://") {
+        Some(path) => format!("redis+unix://{path}"),
+        None => url.to_owned(),
+    };
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    let transport = ["-cluster", "-sentinel", "+unix"]
+        .into_iter()
+        .find_map(|suffix| scheme.strip_suffix(suffix))
+        .unwrap_or(scheme);
+    if !matches!(transport, "redis" | "rediss" | "valkey" | "valkeys") {
+        return Err(RedisSetupError::InvalidUrl(
+            format!("unsupported scheme {scheme:?}").into(),
+        ));
+    }
+    Config::from_url(&url).map_err(|error| RedisSetupError::InvalidUrl(Box::new(error)))
+}
+
+fn validate_prefix(prefix: &str) -> Result<(), RedisSetupError> {
+    let valid = !prefix.is_empty()
+        && !prefix
+            .chars()
+            .any(|c| c.is_whitespace() || FORBIDDEN_IN_PREFIX.contains(&c));
+    if valid {
+        Ok(())
+    } else {
+        Err(RedisSetupError::InvalidPrefix(prefix.to_owned()))
+    }
+}
+
+/// Whether the error means "could not reach Redis" rather than "Redis said no".
+fn is_connection_error(error: &FredError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Timeout | ErrorKind::Tls | ErrorKind::Auth
+    )
+}
+
+fn connect_error(error: FredError) -> RedisSetupError {
+    RedisSetupError::Connect(Box::new(error))
+}
+
+fn setup_error(error: FredError) -> RedisSetupError {
+    if is_connection_error(&error) {
+        connect_error(error)
+    } else {
+        RedisSetupError::Refused(Box::new(error))
+    }
+}
+
+/// The flags of `needed` that `current` lacks.
+fn missing_flags(current: &str) -> String {
+    let has =
+        |flag: char| current.contains(flag) || (current.contains('A') && ALIAS_ALL.contains(flag));
+    NEEDED_FLAGS
+        .into_iter()
+        .filter(|&flag| !has(flag))
+        .collect()
+}
+
+/// Checks `notify-keyspace-events`, and turns on what is missing if `enable`.
+async fn check_keyspace_events(
+    backend: &RedisBackend,
+    enable: bool,
+) -> Result<(), RedisSetupError> {
+    let client = &backend.inner.client;
+    let current = match client.config_get::<Value, _>(SETTING).await {
+        Ok(reply) => setting_value(reply),
+        Err(error) if is_connection_error(&error) => return Err(connect_error(error)),
+        Err(refused) => {
+            // Managed Redis often refuses `CONFIG`; the setting may still be right (set in the
+            // provider's parameter group), which only a live notification can tell.
+            return match notifications_arrive(backend).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(RedisSetupError::ConfigNotAllowed {
+                    needed: NEEDED_FLAGS.iter().collect(),
+                    reason: refused.details().to_owned(),
+                }),
+                Err(error) => Err(setup_error(error)),
+            };
+        }
+    };
+    let missing = missing_flags(&current);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let needed = format!("{current}{missing}");
+    if !enable {
+        return Err(RedisSetupError::KeyspaceEventsDisabled { current, needed });
+    }
+    match client.config_set(SETTING, needed.as_str()).await {
+        Ok(()) => {
+            tracing::info!(previous = %current, now = %needed, "turned on the Redis keyspace notifications tower-parking needs");
+            Ok(())
+        }
+        Err(error) if is_connection_error(&error) => Err(connect_error(error)),
+        Err(refused) => Err(RedisSetupError::ConfigNotAllowed {
+            needed,
+            reason: refused.details().to_owned(),
+        }),
+    }
+}
+
+/// The value in a `CONFIG GET notify-keyspace-events` reply (a map in RESP3, pairs in RESP2).
+fn setting_value(reply: Value) -> String {
+    reply
+        .into_map()
+        .ok()
+        .and_then(|map| {
+            map.inner()
+                .into_iter()
+                .find(|(name, _)| name.as_str() == Some(SETTING))
+                .and_then(|(_, value)| value.into_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Makes Redis emit each needed notification once (`set` on a value, `del` and `expired` on a
+/// lock) and says whether all of them reached the subscriber.
+async fn notifications_arrive(backend: &RedisBackend) -> Result<bool, FredError> {
+    let inner = &*backend.inner;
+    let (client, prefix) = (&inner.client, &inner.prefix);
+    // Not hex: no parking key's hash can look like these.
+    let nonce = inner.nonces.next();
+    let [stored, deleted, expired] =
+        ["set", "del", "expired"].map(|event| format!("probe-{event}-{nonce}"));
+    let registrations = [&stored, &deleted, &expired].map(|hash| inner.waiters.register(hash));
+    let [stored_seen, deleted_seen, expired_seen] = [0, 1, 2].map(|i| registrations[i].armed());
+
+    let _: () = client
+        .set(
+            format!("{prefix}{{{stored}}}:resp"),
+            "probe",
+            Some(Expiration::PX(1_000)),
+            None,
+            false,
+        )
+        .await?;
+    let deleted_lock = format!("{prefix}{{{deleted}}}:lock");
+    let _: () = client
+        .set(
+            &deleted_lock,
+            "probe",
+            Some(Expiration::PX(1_000)),
+            None,
+            false,
+        )
+        .await?;
+    let _: i64 = client.del(&deleted_lock).await?;
+    let expired_lock = format!("{prefix}{{{expired}}}:lock");
+    let _: () = client
+        .set(&expired_lock, "probe", Some(Expiration::PX(1)), None, false)
+        .await?;
+    // Touching a key past its expiry makes Redis expire it (and notify) at once.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let _: i64 = client.exists(&expired_lock).await?;
+
+    let all_seen = async {
+        tokio::join!(stored_seen, deleted_seen, expired_seen);
+    };
+    Ok(tokio::time::timeout(inner.command_timeout, all_seen)
+        .await
+        .is_ok())
+}
+
+/// Why a [`RedisBackend`] could not be built. Its message says what to do about it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RedisSetupError {
+    /// The URL could not be read.
+    InvalidUrl(BoxError),
+    /// The key prefix is empty or holds a character that would break the keyspace pattern or the
+    /// cluster hash tag.
+    InvalidPrefix(String),
+    /// The lease is zero, or it would not be renewed before it expires.
+    InvalidLease {
+        /// The lease asked for.
+        lease: Duration,
+        /// How often it would be renewed.
+        renew_every: Duration,
+    },
+    /// The URL names a Redis Cluster, which this backend does not support yet.
+    ClusterNotSupported,
+    /// Redis could not be reached (refused, timed out, TLS or authentication failed).
+    Connect(BoxError),
+    /// Keyspace notifications are off, or lack flags the backend needs.
+    KeyspaceEventsDisabled {
+        /// The current value of `notify-keyspace-events`.
+        current: String,
+        /// The value to set: the current flags plus the missing ones.
+        needed: String,
+    },
+    /// Redis does not allow `CONFIG` (renamed, or a managed service), and keyspace notifications
+    /// did not arrive when tried.
+    ConfigNotAllowed {
+        /// The flags `notify-keyspace-events` must hold (or a value to set it to).
+        needed: String,
+        /// What Redis answered to `CONFIG`.
+        reason: String,
+    },
+    /// Redis refused a command the backend needs at setup (`PSUBSCRIBE`, `SCRIPT LOAD`, ...),
+    /// for example because an ACL forbids it.
+    Refused(BoxError),
+}
+
+impl fmt::Display for RedisSetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidUrl(error) => write!(
+                f,
+                "invalid Redis URL ({error}): use redis://host:port/db, rediss://... for TLS, \
+                 redis+unix:///path/to/redis.sock, or redis-sentinel://host:port?sentinelServiceName=name"
+            ),
+            Self::InvalidPrefix(prefix) => write!(
+                f,
+                "invalid Redis key prefix {prefix:?}: it must not be empty, nor hold whitespace or \
+                 any of {{ }} * ? [ ] \\ (they would break the keyspace subscription pattern or the \
+                 cluster hash tag); for example \"myapp:parking:\""
+            ),
+            Self::InvalidLease { lease, renew_every } => write!(
+                f,
+                "invalid lease: a lease of {lease:?} renewed every {renew_every:?} would expire \
+                 while its leader is alive; the lease must be at least 1 ms and renew_every \
+                 shorter than it (by default it is a third of it)"
+            ),
+            Self::ClusterNotSupported => write!(
+                f,
+                "Redis Cluster URLs are not supported yet (keyspace notifications are per node): \
+                 point the backend at a single primary, or a sentinel-managed one"
+            ),
+            Self::Connect(error) => write!(
+                f,
+                "could not connect to Redis ({error}): check the URL, that Redis is running and \
+                 reachable, and the credentials"
+            ),
+            Self::KeyspaceEventsDisabled { current, needed } => write!(
+                f,
+                "Redis keyspace notifications are off or incomplete: `{SETTING}` is \"{current}\", \
+                 and tower-parking needs the flags K, g, $ and x to wake waiting requests. \
+                 Run `CONFIG SET {SETTING} '{needed}'` (e.g. with redis-cli), or put \
+                 `{SETTING} {needed}` in redis.conf, or build the backend with \
+                 `.enable_keyspace_events(true)` to let it set them"
+            ),
+            Self::ConfigNotAllowed { needed, reason } => write!(
+                f,
+                "Redis does not allow the CONFIG command here ({reason}), so tower-parking cannot \
+                 check or turn on keyspace notifications, and none arrived when it tried. Set \
+                 `{SETTING}` to a value with the flags K, g, $ and x (for example \"{needed}\") in \
+                 your provider's parameter group (ElastiCache, Memorystore, Azure Cache for Redis) \
+                 or in redis.conf, and restart Redis if the provider requires it"
+            ),
+            Self::Refused(error) => write!(
+                f,
+                "Redis refused a command the parking backend needs ({error}): the user needs \
+                 EVALSHA, SCRIPT LOAD, PSUBSCRIBE on __keyspace@*, GET, SET, DEL, EXISTS and CONFIG \
+                 GET"
+            ),
+        }
+    }
+}
+
+impl StdError for RedisSetupError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::InvalidUrl(error) | Self::Connect(error) | Self::Refused(error) => {
+                Some(&**error as &(dyn StdError + 'static))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_read_as_fred_does_with_unix_and_without_foreign_schemes() {
+        for url in [
+            "redis://127.0.0.1:6379/2",
+            "rediss://user:pass@example.com:6380",
+            "redis+unix:///run/redis.sock",
+            "unix:///run/redis.sock",
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=primary",
+            "valkey://127.0.0.1",
+        ] {
+            assert!(parse_url(url).is_ok(), "{url}");
+        }
+        assert!(parse_url("unix:///run/redis.sock")
+            .unwrap()
+            .server
+            .is_unix_socket());
+        assert_eq!(parse_url("redis://h/2").unwrap().database, Some(2));
+        for url in ["http://127.0.0.1:6379", "127.0.0.1:6379", "", "redis://"] {
+            assert!(
+                matches!(parse_url(url), Err(RedisSetupError::InvalidUrl(_))),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_flags_understand_the_alias() {
+        assert_eq!(missing_flags(""), "Kg$x");
+        assert_eq!(missing_flags("xE"), "Kg$");
+        assert_eq!(missing_flags("AK"), "");
+        assert_eq!(missing_flags("AE"), "K");
+        assert_eq!(missing_flags("g$xK"), "");
+    }
+
+    #[test]
+    fn prefixes_that_break_patterns_or_hash_tags_are_refused() {
+        for prefix in [
+            "", "a{b", "a}", "a*", "a?", "a[", "a]", "a\\", "a b", "a\tb",
+        ] {
+            assert!(
+                matches!(
+                    validate_prefix(prefix),
+                    Err(RedisSetupError::InvalidPrefix(_))
+                ),
+                "{prefix:?}"
+            );
+        }
+        for prefix in ["parking:", "my-app:parking:", "a.b/c:"] {
+            assert!(validate_prefix(prefix).is_ok(), "{prefix:?}");
+        }
+    }
+
+    #[test]
+    fn the_disabled_error_says_what_to_run() {
+        let error = RedisSetupError::KeyspaceEventsDisabled {
+            current: "xE".into(),
+            needed: "xEKg$".into(),
+        };
+        let message = error.to_string();
+        assert!(message.contains("notify-keyspace-events"), "{message}");
+        assert!(message.contains("\"xE\""), "{message}");
+        assert!(
+            message.contains("CONFIG SET notify-keyspace-events 'xEKg$'"),
+            "{message}"
+        );
+        assert!(
+            message.contains(".enable_keyspace_events(true)"),
+            "{message}"
+        );
+    }
+}

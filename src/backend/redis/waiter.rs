@@ -1,0 +1,386 @@
+//! The keyspace-notification waiter: one subscriber connection per backend wakes every follower
+//! of the process whose key changed.
+//!
+//! The subscriber `PSUBSCRIBE`s once to every key under the prefix. A dispatcher task turns each
+//! notification that can end a wait (`set` on a `:resp` key, `del`, `expired` or `evicted` on a
+//! `:lock` key) into a wake-up of the waiters registered for that key's hash. Anything that may
+//! have lost notifications (the subscriber reconnected, the event stream lagged) or may end every
+//! wait (the command connection dropped) wakes every waiter instead, and each one re-checks Redis:
+//! a spurious wake-up costs one round trip, a lost one would cost a whole lease.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use dashmap::{mapref::entry::Entry, DashMap};
+use fred::{
+    clients::{Client, SubscriberClient},
+    interfaces::{EventInterface, PubsubInterface},
+    types::{config::Server, KeyspaceEvent},
+};
+use tokio::sync::{
+    broadcast::{error::RecvError, Receiver},
+    Notify,
+};
+
+/// The waiters of this process, by key hash, and the signal that wakes all of them.
+#[derive(Debug, Default)]
+pub(super) struct Waiters {
+    by_hash: DashMap<Box<str>, Slot>,
+    everyone: Notify,
+}
+
+#[derive(Debug)]
+struct Slot {
+    changed: Arc<Notify>,
+    /// How many [`Registration`]s use this slot: the slot leaves the map with the last one.
+    registrations: usize,
+}
+
+impl Waiters {
+    /// Registers interest in the key with this hash until the returned registration is dropped.
+    pub(super) fn register(&self, hash: &str) -> Registration<'_> {
+        let changed = {
+            let mut slot = self.by_hash.entry(hash.into()).or_insert_with(|| Slot {
+                changed: Arc::new(Notify::new()),
+                registrations: 0,
+            });
+            slot.registrations += 1;
+            Arc::clone(&slot.changed)
+        };
+        Registration {
+            waiters: self,
+            hash: hash.into(),
+            changed,
+        }
+    }
+
+    /// Wakes every waiter of the key with this hash.
+    pub(super) fn wake(&self, hash: &str) {
+        if let Some(slot) = self.by_hash.get(hash) {
+            slot.changed.notify_waiters();
+        }
+    }
+
+    /// Wakes every waiter of every key, to re-check after notifications may have been lost.
+    pub(super) fn wake_everyone(&self) {
+        self.everyone.notify_waiters();
+    }
+
+    /// How many keys have at least one waiter.
+    pub(super) fn keys_waited_on(&self) -> usize {
+        self.by_hash.len()
+    }
+}
+
+/// One waiter's interest in one key. Dropping it unregisters.
+#[derive(Debug)]
+pub(super) struct Registration<'a> {
+    waiters: &'a Waiters,
+    hash: Box<str>,
+    changed: Arc<Notify>,
+}
+
+impl Registration<'_> {
+    /// Completes at the next wake-up of this key (or of everyone) after the call, even if the
+    /// wake-up happens before the future is first polled: arm it before re-checking Redis, then
+    /// await it, and no change in between is lost.
+    pub(super) fn armed(&self) -> impl std::future::Future<Output = ()> + '_ {
+        let mut key_changed = Box::pin(self.changed.notified());
+        let mut everyone = Box::pin(self.waiters.everyone.notified());
+        key_changed.as_mut().enable();
+        everyone.as_mut().enable();
+        async move {
+            tokio::select! {
+                () = key_changed => {}
+                () = everyone => {}
+            }
+        }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        // Counted under the map's shard lock, so a concurrent `register` either sees the slot
+        // still there or creates a new one: never a slot without registrations, never a leak.
+        if let Entry::Occupied(mut slot) = self.waiters.by_hash.entry(self.hash.clone()) {
+            slot.get_mut().registrations -= 1;
+            if slot.get().registrations == 0 {
+                slot.remove();
+            }
+        }
+    }
+}
+
+/// Which Redis key of a parking key a notification is about, and whether it can end a wait.
+fn hash_to_wake<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<&'e str> {
+    let name = event.key.as_str()?.strip_prefix(prefix)?;
+    let (hash, suffix) = name.strip_prefix('{')?.split_once('}')?;
+    let ends_a_wait = match suffix {
+        ":resp" => event.operation == "set",
+        ":lock" => matches!(event.operation.as_str(), "del" | "expired" | "evicted"),
+        _ => false,
+    };
+    ends_a_wait.then_some(hash)
+}
+
+/// The keyspace channel patterns of the value and lock keys under `prefix` in database `db` (the
+/// fence keys' events are not needed, so not sent).
+///
+/// The prefix was validated to hold no glob or hash-tag characters, so it needs no escaping.
+pub(super) fn keyspace_patterns(db: u8, prefix: &str) -> Vec<String> {
+    [":resp", ":lock"]
+        .map(|suffix| format!("__keyspace@{db}__:{prefix}{{*}}{suffix}"))
+        .into()
+}
+
+/// Event streams of both connections, taken before the subscriber subscribes so nothing after
+/// the acknowledgement is missed.
+pub(super) struct Streams {
+    keyspace: Receiver<KeyspaceEvent>,
+    subscriber_reconnects: Receiver<Server>,
+    command_errors: Receiver<(fred::error::Error, Option<Server>)>,
+    command_reconnects: Receiver<Server>,
+}
+
+impl Streams {
+    pub(super) fn of(client: &Client, subscriber: &SubscriberClient) -> Self {
+        Self {
+            keyspace: subscriber.keyspace_event_rx(),
+            subscriber_reconnects: subscriber.reconnect_rx(),
+            command_errors: client.error_rx(),
+            command_reconnects: client.reconnect_rx(),
+        }
+    }
+}
+
+/// Whether the command connection is up, as its own events tell.
+///
+/// fred reports a dropped connection as `Connected` until its first reconnection attempt (up to
+/// the longest reconnect delay later), and commands sent meanwhile wait for the full command
+/// timeout. A connection error marks the connection down for a while; a reconnect marks it up.
+/// The mark expires by itself, so events seen out of order can never leave it down for good:
+/// past the first reconnection attempt, fred's own state is accurate.
+#[derive(Debug)]
+pub(super) struct CommandConnection {
+    since: Instant,
+    /// Milliseconds after `since` until which the connection counts as down.
+    down_until: AtomicU64,
+}
+
+impl CommandConnection {
+    /// Longer than fred's first reconnection delay (at most 1 s plus jitter).
+    const DOWN_FOR: Duration = Duration::from_secs(2);
+
+    pub(super) fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            down_until: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn is_up(&self) -> bool {
+        self.now() >= self.down_until.load(Ordering::Acquire)
+    }
+
+    fn went_down(&self) {
+        let until = self.now().saturating_add(Self::DOWN_FOR.as_millis() as u64);
+        self.down_until.store(until, Ordering::Release);
+    }
+
+    fn came_back(&self) {
+        self.down_until.store(0, Ordering::Release);
+    }
+}
+
+/// Turns the connections' events into wake-ups until the clients quit.
+pub(super) async fn dispatch(
+    waiters: Arc<Waiters>,
+    command_connection: Arc<CommandConnection>,
+    subscriber: SubscriberClient,
+    patterns: Vec<String>,
+    prefix: String,
+    streams: Streams,
+) {
+    // Two loops, so that re-subscribing never delays hearing that the command connection dropped.
+    tokio::join!(
+        wake_on_notifications(
+            &waiters,
+            &subscriber,
+            &patterns,
+            &prefix,
+            streams.keyspace,
+            streams.subscriber_reconnects,
+        ),
+        track_command_connection(
+            &waiters,
+            &command_connection,
+            streams.command_errors,
+            streams.command_reconnects,
+        ),
+    );
+}
+
+async fn wake_on_notifications(
+    waiters: &Waiters,
+    subscriber: &SubscriberClient,
+    patterns: &[String],
+    prefix: &str,
+    mut keyspace: Receiver<KeyspaceEvent>,
+    mut reconnects: Receiver<Server>,
+) {
+    loop {
+        tokio::select! {
+            event = keyspace.recv() => match event {
+                Ok(event) => {
+                    if let Some(hash) = hash_to_wake(prefix, &event) {
+                        waiters.wake(hash);
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "keyspace notifications lagged: every waiter re-checks");
+                    waiters.wake_everyone();
+                }
+                Err(RecvError::Closed) => break,
+            },
+            reconnected = reconnects.recv() => match reconnected {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    // A new connection has no subscription: subscribe (acknowledged) before the
+                    // waiters re-check, so whatever changes after their re-check is notified.
+                    if let Err(error) = subscriber.psubscribe(patterns.to_vec()).await {
+                        tracing::warn!(%error, "could not re-subscribe to keyspace notifications after a reconnect: waits fall back to lock expiry until the next reconnect");
+                    }
+                    waiters.wake_everyone();
+                }
+                Err(RecvError::Closed) => break,
+            },
+        }
+    }
+}
+
+async fn track_command_connection(
+    waiters: &Waiters,
+    command_connection: &CommandConnection,
+    mut errors: Receiver<(fred::error::Error, Option<Server>)>,
+    mut reconnects: Receiver<Server>,
+) {
+    loop {
+        tokio::select! {
+            error = errors.recv() => match error {
+                // Redis may be gone: marked down first, so the waiters' re-checks fail at once
+                // and their callers' failure policy applies now, not when a lease runs out.
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    command_connection.went_down();
+                    waiters.wake_everyone();
+                }
+                Err(RecvError::Closed) => break,
+            },
+            reconnected = reconnects.recv() => match reconnected {
+                Ok(_) | Err(RecvError::Lagged(_)) => command_connection.came_back(),
+                Err(RecvError::Closed) => break,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(key: &str, operation: &str) -> KeyspaceEvent {
+        KeyspaceEvent {
+            db: 0,
+            operation: operation.into(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn wakes_on_stored_response_and_released_lock_only() {
+        let hash = "0123456789abcdef0123456789abcdef";
+        let resp = format!("parking:{{{hash}}}:resp");
+        let lock = format!("parking:{{{hash}}}:lock");
+        let fence = format!("parking:{{{hash}}}:fence");
+        assert_eq!(hash_to_wake("parking:", &event(&resp, "set")), Some(hash));
+        assert_eq!(hash_to_wake("parking:", &event(&lock, "del")), Some(hash));
+        assert_eq!(
+            hash_to_wake("parking:", &event(&lock, "expired")),
+            Some(hash)
+        );
+        assert_eq!(hash_to_wake("parking:", &event(&lock, "set")), None);
+        assert_eq!(hash_to_wake("parking:", &event(&lock, "expire")), None);
+        assert_eq!(hash_to_wake("parking:", &event(&resp, "del")), None);
+        assert_eq!(hash_to_wake("parking:", &event(&fence, "incrby")), None);
+        assert_eq!(hash_to_wake("other:", &event(&resp, "set")), None);
+    }
+
+    #[test]
+    fn patterns_cover_values_and_locks_under_the_prefix_in_the_database() {
+        assert_eq!(
+            keyspace_patterns(3, "app:"),
+            ["__keyspace@3__:app:{*}:resp", "__keyspace@3__:app:{*}:lock"]
+        );
+    }
+
+    #[test]
+    fn a_connection_error_counts_for_a_while_and_a_reconnect_ends_it() {
+        let connection = CommandConnection::new();
+        assert!(connection.is_up());
+        connection.went_down();
+        assert!(!connection.is_up());
+        connection.came_back();
+        assert!(connection.is_up());
+        connection.went_down();
+        connection
+            .down_until
+            .store(connection.now().saturating_sub(1), Ordering::Release);
+        assert!(connection.is_up(), "the mark must expire by itself");
+    }
+
+    #[tokio::test]
+    async fn slots_leave_with_their_last_registration() {
+        let waiters = Waiters::default();
+        let first = waiters.register("a");
+        let second = waiters.register("a");
+        let other = waiters.register("b");
+        assert_eq!(waiters.keys_waited_on(), 2);
+        drop(first);
+        assert_eq!(waiters.keys_waited_on(), 2);
+        drop((second, other));
+        assert_eq!(waiters.keys_waited_on(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_between_arming_and_awaiting_is_not_lost() {
+        let waiters = Waiters::default();
+        let registration = waiters.register("a");
+        let armed = registration.armed();
+        waiters.wake("a");
+        tokio::time::timeout(Duration::from_secs(1), armed)
+            .await
+            .expect("the wake-up before the await ends it");
+
+        let armed = registration.armed();
+        waiters.wake_everyone();
+        tokio::time::timeout(Duration::from_secs(1), armed)
+            .await
+            .expect("waking everyone ends it");
+
+        let armed = registration.armed();
+        waiters.wake("b");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), armed)
+                .await
+                .is_err(),
+            "another key's wake-up must not end it"
+        );
+    }
+}

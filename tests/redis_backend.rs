@@ -1,0 +1,885 @@
+//! The Redis backend's protocol, operation by operation, against a real `redis-server` that each
+//! test starts on its own free port (never the machine's own Redis).
+#![cfg(feature = "redis")]
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use fred::{
+    prelude::{Client, ClientLike, Config, KeysInterface},
+    types::{CustomCommand, Value},
+};
+use tokio::time::Instant;
+use tower_parking::{
+    backend::{Acquire, Lease, Lookup, Wake},
+    Backend, BackendError, FailurePolicy, Key, RedisBackend, RedisSetupError,
+};
+
+/// Keyspace notifications as the backend needs them, for servers started "already configured".
+const NOTIFY: &[&str] = &["--notify-keyspace-events", "Kg$x"];
+
+/// A `redis-server` of our own: a free loopback port, a temporary directory, no persistence.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    fn start(args: &[&str]) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-parking-redis-backend-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot start redis-server ({error}): install it (apt-get install redis-server) or run scripts/test")
+            });
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not listen on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain client, to look at and poke the server from outside the backend.
+    async fn inspector(&self) -> Client {
+        let client = Client::new(Config::from_url(&self.url()).unwrap(), None, None, None);
+        client.init().await.expect("the inspector connects");
+        client
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn command(client: &Client, name: &'static str, args: Vec<&str>) -> Value {
+    client
+        .custom(CustomCommand::new_static(name, None::<u16>, false), args)
+        .await
+        .unwrap_or_else(|error| panic!("{name}: {error}"))
+}
+
+/// The connections the server has open, without the inspector's own.
+async fn connections(inspector: &Client) -> Vec<String> {
+    let list = command(inspector, "CLIENT", vec!["LIST"]).await;
+    let list = list.as_string().unwrap();
+    list.lines()
+        .filter(|line| !line.contains("cmd=client"))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn backend(server: &RedisServer) -> RedisBackend {
+    RedisBackend::builder(server.url())
+        .build()
+        .await
+        .expect("the backend builds")
+}
+
+fn acquired(acquire: Acquire) -> Lease {
+    match acquire {
+        Acquire::Acquired(lease) => lease,
+        other => panic!("expected to lead, got {other:?}"),
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(10);
+const TTL: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn one_leader_then_the_stored_value_for_everyone() {
+    let server = RedisServer::start(NOTIFY);
+    let (a, b) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("GET /report");
+
+    let lease = acquired(a.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    match b.acquire(&key, LEASE, Lookup::Check).await.unwrap() {
+        Acquire::Held { expires_in } => assert!(
+            expires_in > LEASE - Duration::from_secs(1) && expires_in <= LEASE,
+            "{expires_in:?}"
+        ),
+        other => panic!("a second caller must find the lock held, got {other:?}"),
+    }
+    assert!(a
+        .complete(&lease, Bytes::from_static(b"report"), TTL)
+        .await
+        .unwrap());
+    for backend in [&a, &b] {
+        match backend.acquire(&key, LEASE, Lookup::Check).await.unwrap() {
+            Acquire::Fresh(value) => assert_eq!(value, "report"),
+            other => panic!("expected the stored value, got {other:?}"),
+        }
+    }
+
+    // The Redis keys are hashed and hash-tagged; the lock is gone, the value has its TTL.
+    let inspector = server.inspector().await;
+    let hash = key.digest_hex();
+    let resp: Option<String> = inspector
+        .get(format!("parking:{{{hash}}}:resp"))
+        .await
+        .unwrap();
+    assert_eq!(resp.as_deref(), Some("report"));
+    let lock_exists: i64 = inspector
+        .exists(format!("parking:{{{hash}}}:lock"))
+        .await
+        .unwrap();
+    assert_eq!(lock_exists, 0);
+    let pttl: i64 = inspector
+        .pttl(format!("parking:{{{hash}}}:resp"))
+        .await
+        .unwrap();
+    assert!(pttl > 59_000 && pttl <= 60_000, "{pttl}");
+
+    // `Skip` ignores the stored value (it did not decode) and leads.
+    let lease = acquired(b.acquire(&key, LEASE, Lookup::Skip).await.unwrap());
+    assert!(lease.fence() > 0);
+}
+
+#[tokio::test]
+async fn a_fenced_out_leader_cannot_store_or_renew() {
+    let server = RedisServer::start(NOTIFY);
+    let (a, b) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("fenced");
+    let short = Duration::from_millis(200);
+
+    let stale = acquired(a.acquire(&key, short, Lookup::Check).await.unwrap());
+    // The leader stalls past its lease: the lock expires and another caller takes over.
+    assert!(matches!(b.wait(&key, None).await.unwrap(), Wake::Released));
+    let later = acquired(b.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    assert!(later.fence() > stale.fence());
+
+    assert!(!a.renew(&stale).await.unwrap(), "the stale lease renewed");
+    assert!(
+        !a.complete(&stale, Bytes::from_static(b"stale"), TTL)
+            .await
+            .unwrap(),
+        "the stale leader stored over a live one"
+    );
+    assert!(b
+        .complete(&later, Bytes::from_static(b"fresh"), TTL)
+        .await
+        .unwrap());
+    // Even after the later leader finished, the stale one is still refused.
+    assert!(!a
+        .complete(&stale, Bytes::from_static(b"stale"), TTL)
+        .await
+        .unwrap());
+    match a.acquire(&key, LEASE, Lookup::Check).await.unwrap() {
+        Acquire::Fresh(value) => assert_eq!(value, "fresh"),
+        other => panic!("expected the later leader's value, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_leader_that_lost_its_lease_to_nobody_may_still_store() {
+    let server = RedisServer::start(NOTIFY);
+    let a = backend(&server).await;
+    let key = Key::new("late but alone");
+    let lease = acquired(
+        a.acquire(&key, Duration::from_millis(100), Lookup::Check)
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(a.wait(&key, None).await.unwrap(), Wake::Released));
+    assert!(a
+        .complete(&lease, Bytes::from_static(b"late"), TTL)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn invalidate_forgets_the_value_and_fences_out_the_running_leader() {
+    let server = RedisServer::start(NOTIFY);
+    let a = backend(&server).await;
+    let key = Key::new("invalidated");
+
+    let first = acquired(a.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    assert!(a
+        .complete(&first, Bytes::from_static(b"old"), TTL)
+        .await
+        .unwrap());
+    let running = acquired({
+        a.invalidate(&key).await.unwrap();
+        a.acquire(&key, LEASE, Lookup::Check).await.unwrap()
+    });
+    a.invalidate(&key).await.unwrap();
+    assert!(
+        !a.complete(&running, Bytes::from_static(b"stale"), TTL)
+            .await
+            .unwrap(),
+        "a leader that started before the invalidation stored its value"
+    );
+    assert!(matches!(
+        a.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Acquired(_)
+    ));
+}
+
+#[tokio::test]
+async fn renewal_keeps_the_lock_past_its_lease() {
+    let server = RedisServer::start(NOTIFY);
+    let (a, b) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("long work");
+    let lease_time = Duration::from_millis(300);
+    let lease = acquired(a.acquire(&key, lease_time, Lookup::Check).await.unwrap());
+
+    let started = Instant::now();
+    let mut renewals = tokio::time::interval(lease_time / 3);
+    while started.elapsed() < lease_time * 4 {
+        renewals.tick().await;
+        assert!(
+            a.renew(&lease).await.unwrap(),
+            "a held lease was not renewed"
+        );
+        assert!(
+            matches!(
+                b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+                Acquire::Held { .. }
+            ),
+            "the lock was lost while renewed"
+        );
+    }
+    let impostor = Lease::new(key.clone(), lease.fence(), "not-the-token", lease_time);
+    assert!(!a.renew(&impostor).await.unwrap());
+    a.release(&impostor).await.unwrap();
+    assert!(matches!(
+        b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    a.release(&lease).await.unwrap();
+    assert!(matches!(
+        b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Acquired(_)
+    ));
+}
+
+/// Starts `follower.wait(key)` on its own task once the key's lock is held, and gives it time to
+/// park (there is no signal for "parked": either way the wait must end fast, the pause only makes
+/// the notification the likely path).
+async fn parked_waiter(
+    follower: &RedisBackend,
+    key: &Key,
+    deadline: Option<Instant>,
+) -> tokio::task::JoinHandle<(Result<Wake, BackendError>, Instant)> {
+    let (follower, key) = (follower.clone(), key.clone());
+    let waiter = tokio::spawn(async move {
+        let wake = follower.wait(&key, deadline).await;
+        (wake, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiter
+}
+
+#[tokio::test]
+async fn a_parked_follower_wakes_on_complete_long_before_the_lease() {
+    let server = RedisServer::start(NOTIFY);
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("GET /slow");
+    let lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    let waiter = parked_waiter(&follower, &key, None).await;
+    assert_eq!(follower.waiting_keys(), 1);
+
+    let completed = Instant::now();
+    assert!(leader
+        .complete(&lease, Bytes::from_static(b"done"), TTL)
+        .await
+        .unwrap());
+    let (wake, woken) = waiter.await.unwrap();
+    let wake = wake.unwrap();
+    match wake {
+        Wake::Stored(value) => assert_eq!(value, "done"),
+        other => panic!("expected the stored value, got {other:?}"),
+    }
+    let latency = woken - completed;
+    // Without the notification it would sleep until the lease (10 s) ran out.
+    assert!(
+        latency < Duration::from_millis(200),
+        "woken {latency:?} after complete"
+    );
+    assert_eq!(
+        follower.waiting_keys(),
+        0,
+        "the waiter's registration leaked"
+    );
+}
+
+#[tokio::test]
+async fn a_parked_follower_wakes_on_release() {
+    let server = RedisServer::start(NOTIFY);
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("GET /fails");
+    let lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    let waiter = parked_waiter(&follower, &key, None).await;
+
+    let released = Instant::now();
+    leader.release(&lease).await.unwrap();
+    let (wake, woken) = waiter.await.unwrap();
+    let wake = wake.unwrap();
+    assert!(matches!(wake, Wake::Released), "{wake:?}");
+    let latency = woken - released;
+    assert!(
+        latency < Duration::from_millis(200),
+        "woken {latency:?} after release"
+    );
+}
+
+#[tokio::test]
+async fn a_wait_that_starts_after_the_leader_finished_returns_at_once() {
+    let server = RedisServer::start(NOTIFY);
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("raced");
+    let lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    assert!(matches!(
+        follower.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    // The leader finishes between the follower's failed acquire and its wait.
+    assert!(leader
+        .complete(&lease, Bytes::from_static(b"v"), TTL)
+        .await
+        .unwrap());
+    let started = Instant::now();
+    let wake = follower
+        .wait(&key, Some(Instant::now() + Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(matches!(wake, Wake::Stored(_)), "{wake:?}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+#[tokio::test]
+async fn a_dead_leaders_lock_ends_the_wait_when_it_expires() {
+    let server = RedisServer::start(NOTIFY);
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("orphaned");
+    let lease_time = Duration::from_millis(500);
+    let _never_renewed = acquired(
+        leader
+            .acquire(&key, lease_time, Lookup::Check)
+            .await
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let wake = follower.wait(&key, None).await.unwrap();
+    let waited = started.elapsed();
+    assert!(matches!(wake, Wake::Released), "{wake:?}");
+    assert!(
+        waited >= lease_time - Duration::from_millis(50)
+            && waited < lease_time + Duration::from_millis(300),
+        "waited {waited:?} for a {lease_time:?} lease"
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_ends_a_wait_on_a_live_leader() {
+    let server = RedisServer::start(NOTIFY);
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("patience");
+    let _lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    let started = Instant::now();
+    let timeout = Duration::from_millis(300);
+    let wake = follower.wait(&key, Some(started + timeout)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(matches!(wake, Wake::TimedOut), "{wake:?}");
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_millis(100),
+        "waited {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_connections_per_backend_however_many_waits() {
+    let server = RedisServer::start(NOTIFY);
+    let inspector = server.inspector().await;
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    assert_eq!(connections(&inspector).await.len(), 4, "two backends");
+
+    let keys: Vec<Key> = (0..200)
+        .map(|i| Key::new(format!("GET /item/{}", i % 50)))
+        .collect();
+    let mut leases = Vec::new();
+    for key in &keys[..50] {
+        leases.push(acquired(
+            leader.acquire(key, LEASE, Lookup::Check).await.unwrap(),
+        ));
+    }
+    let waiters: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (follower, key) = (follower.clone(), key.clone());
+            tokio::spawn(async move { follower.wait(&key, None).await.unwrap() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(follower.waiting_keys(), 50);
+
+    let open = connections(&inspector).await;
+    assert_eq!(open.len(), 4, "200 waits opened connections: {open:#?}");
+    let subscribers = open.iter().filter(|line| line.contains("psub=2")).count();
+    assert_eq!(
+        subscribers, 2,
+        "one subscriber (values and locks) per backend: {open:#?}"
+    );
+
+    let completed = Instant::now();
+    for lease in &leases {
+        let value = Bytes::from(format!("value of {}", lease.key()));
+        assert!(leader.complete(lease, value, TTL).await.unwrap());
+    }
+    for (key, waiter) in keys.iter().zip(waiters) {
+        match waiter.await.unwrap() {
+            Wake::Stored(value) => assert_eq!(value, format!("value of {key}")),
+            other => panic!("expected the stored value, got {other:?}"),
+        }
+    }
+    let all_woken = completed.elapsed();
+    assert!(
+        all_woken < Duration::from_secs(1),
+        "200 waiters woken in {all_woken:?}"
+    );
+    assert_eq!(follower.waiting_keys(), 0);
+    assert_eq!(connections(&inspector).await.len(), 4);
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
+    let mut server = RedisServer::start(NOTIFY);
+    let (leader, follower) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("outage");
+    let _lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    let waiter = parked_waiter(&follower, &key, None).await;
+
+    let killed = Instant::now();
+    server.kill();
+    // The parked waiter hears the subscriber drop, re-checks, and fails: its caller's failure
+    // policy applies long before the 10 s lease would have ended the wait.
+    let (waited, failed) = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("a wait hung while Redis was down")
+        .unwrap();
+    assert!(waited.is_err(), "{waited:?}");
+    assert!(
+        failed - killed < Duration::from_millis(500),
+        "{:?}",
+        failed - killed
+    );
+    let started = Instant::now();
+    assert!(follower.wait(&key, None).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    let error = follower
+        .acquire(&key, LEASE, Lookup::Check)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(1_100), "{error}");
+    assert_eq!(follower.failure_policy(), FailurePolicy::FailOpen);
+
+    server.restart();
+    let reconnected = Instant::now();
+    let lease = loop {
+        // Bounded: the backends must come back by themselves within a few seconds.
+        assert!(
+            reconnected.elapsed() < Duration::from_secs(5),
+            "the backend did not reconnect to the restarted Redis"
+        );
+        match leader.acquire(&key, LEASE, Lookup::Check).await {
+            Ok(acquire) => break acquired(acquire),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // The subscription is back too: a parked follower wakes on the notification.
+    let waiter = loop {
+        assert!(
+            reconnected.elapsed() < Duration::from_secs(5),
+            "the follower did not reconnect"
+        );
+        if follower.acquire(&key, LEASE, Lookup::Check).await.is_ok() {
+            break parked_waiter(&follower, &key, None).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let completed = Instant::now();
+    assert!(leader
+        .complete(&lease, Bytes::from_static(b"back"), TTL)
+        .await
+        .unwrap());
+    let (wake, woken) = waiter.await.unwrap();
+    let wake = wake.unwrap();
+    assert!(matches!(wake, Wake::Stored(_)), "{wake:?}");
+    assert!(
+        woken - completed < Duration::from_millis(200),
+        "{:?}",
+        woken - completed
+    );
+}
+
+#[tokio::test]
+async fn a_slow_redis_fails_each_command_within_the_timeout() {
+    let server = RedisServer::start(NOTIFY);
+    let backend = RedisBackend::builder(server.url())
+        .command_timeout(Duration::from_millis(300))
+        .failure_policy(FailurePolicy::FailClosed)
+        .build()
+        .await
+        .unwrap();
+    let other = RedisBackend::connect(&server.url()).await.unwrap();
+    assert_eq!(backend.failure_policy(), FailurePolicy::FailClosed);
+    let inspector = server.inspector().await;
+    let key = Key::new("slow");
+    let _: Value = command(&inspector, "CLIENT", vec!["PAUSE", "1000", "ALL"]).await;
+
+    let started = Instant::now();
+    let result = backend.acquire(&key, LEASE, Lookup::Check).await;
+    let took = started.elapsed();
+    assert!(result.is_err(), "{result:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(500),
+        "a 300 ms timeout took {took:?}"
+    );
+
+    // Redis runs the timed-out acquire once the pause ends, and drops its lock right after: the
+    // next caller leads at once instead of waiting out a lease nobody uses.
+    let _: Value = command(&inspector, "PING", vec![]).await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(matches!(
+        other.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Acquired(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_fence_counter_created_again_still_only_grows() {
+    let server = RedisServer::start(NOTIFY);
+    let backend = backend(&server).await;
+    let inspector = server.inspector().await;
+    let key = Key::new("forgotten fence");
+    let first = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    backend.release(&first).await.unwrap();
+    // As if the counter expired while the first leader stalled.
+    let deleted: i64 = inspector
+        .del(format!("parking:{{{}}}:fence", key.digest_hex()))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let second = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    assert!(second.fence() > first.fence(), "{second:?} after {first:?}");
+    backend.release(&second).await.unwrap();
+    assert!(
+        !backend
+            .complete(&first, Bytes::from_static(b"stale"), TTL)
+            .await
+            .unwrap(),
+        "a stale leader passed for a later one"
+    );
+}
+
+#[tokio::test]
+async fn scripts_are_loaded_again_after_a_script_flush() {
+    let server = RedisServer::start(NOTIFY);
+    let backend = backend(&server).await;
+    let inspector = server.inspector().await;
+    let _: Value = command(&inspector, "SCRIPT", vec!["FLUSH"]).await;
+    let lease = acquired(
+        backend
+            .acquire(&Key::new("k"), LEASE, Lookup::Check)
+            .await
+            .unwrap(),
+    );
+    assert!(backend
+        .complete(&lease, Bytes::from_static(b"v"), TTL)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn keyspace_events_off_fail_the_build_with_what_to_set() {
+    let server = RedisServer::start(&["--notify-keyspace-events", "Ex"]);
+    let error = RedisBackend::connect(&server.url()).await.unwrap_err();
+    match &error {
+        RedisSetupError::KeyspaceEventsDisabled { current, needed } => {
+            assert_eq!(current, "xE");
+            assert_eq!(needed, "xEKg$");
+        }
+        other => panic!("expected KeyspaceEventsDisabled, got {other:?}"),
+    }
+    let message = error.to_string();
+    for part in [
+        "notify-keyspace-events",
+        "\"xE\"",
+        "CONFIG SET notify-keyspace-events 'xEKg$'",
+        ".enable_keyspace_events(true)",
+    ] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+
+    // A failed build leaves no connection behind.
+    let inspector = server.inspector().await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !connections(&inspector).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the failed build left connections open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Asked to, the backend turns on what is missing and keeps what was there.
+    let backend = RedisBackend::builder(server.url())
+        .enable_keyspace_events(true)
+        .build()
+        .await
+        .expect("enabling keyspace events");
+    let setting = command(&inspector, "CONFIG", vec!["GET", "notify-keyspace-events"]).await;
+    let value = setting
+        .into_array()
+        .pop()
+        .and_then(|value| value.as_string())
+        .unwrap();
+    for flag in ['K', 'g', '$', 'x', 'E'] {
+        assert!(value.contains(flag), "{flag} missing from {value:?}");
+    }
+    // And waits work on it.
+    let key = Key::new("enabled");
+    let lease = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    let waiter = parked_waiter(&backend, &key, None).await;
+    backend.release(&lease).await.unwrap();
+    let (wake, _) = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    let wake = wake.unwrap();
+    assert!(matches!(wake, Wake::Released));
+}
+
+#[tokio::test]
+async fn without_config_the_build_checks_notifications_live() {
+    let locked_down = RedisServer::start(&["--rename-command", "CONFIG", ""]);
+    let error = RedisBackend::builder(locked_down.url())
+        .enable_keyspace_events(true)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, RedisSetupError::ConfigNotAllowed { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    for part in ["notify-keyspace-events", "parameter group", "redis.conf"] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+
+    // Set by the operator (as a managed service's parameter group would), it passes.
+    let configured = RedisServer::start(&[
+        "--rename-command",
+        "CONFIG",
+        "",
+        "--notify-keyspace-events",
+        "KEA",
+    ]);
+    let started = Instant::now();
+    RedisBackend::connect(&configured.url())
+        .await
+        .expect("notifications on, CONFIG renamed away");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn bad_settings_fail_before_connecting() {
+    // Nothing listens on port 1: these must fail on the settings alone.
+    for prefix in ["", "a{b}", "app*", "with space"] {
+        let error = RedisBackend::builder("redis://127.0.0.1:1")
+            .prefix(prefix)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, RedisSetupError::InvalidPrefix(_)),
+            "{prefix:?}: {error:?}"
+        );
+        assert!(error.to_string().contains("prefix"), "{error}");
+    }
+    let error = RedisBackend::builder("redis://127.0.0.1:1")
+        .lease(Duration::from_secs(1))
+        .renew_every(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, RedisSetupError::InvalidLease { .. }),
+        "{error:?}"
+    );
+    let error = RedisBackend::connect("http://127.0.0.1:6379")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RedisSetupError::InvalidUrl(_)), "{error:?}");
+    let error = RedisBackend::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RedisSetupError::Connect(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn settings_are_reported_and_databases_are_separate() {
+    let server = RedisServer::start(NOTIFY);
+    let backend = RedisBackend::builder(format!("{}/3", server.url()))
+        .prefix("app:")
+        .lease(Duration::from_secs(6))
+        .build()
+        .await
+        .unwrap();
+    let settings = backend.lease_settings();
+    assert_eq!(settings.lease, Duration::from_secs(6));
+    assert_eq!(settings.renew_every, Duration::from_secs(2));
+    assert_eq!(backend.prefix(), "app:");
+
+    // Keyspace notifications of database 3 wake waiters of a backend on database 3.
+    let other = RedisBackend::builder(format!("{}/3", server.url()))
+        .prefix("app:")
+        .build()
+        .await
+        .unwrap();
+    let key = Key::new("db3");
+    let lease = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    let waiter = parked_waiter(&other, &key, None).await;
+    let completed = Instant::now();
+    assert!(backend
+        .complete(&lease, Bytes::from_static(b"3"), TTL)
+        .await
+        .unwrap());
+    let (wake, woken) = waiter.await.unwrap();
+    let wake = wake.unwrap();
+    assert!(matches!(wake, Wake::Stored(_)));
+    assert!(woken - completed < Duration::from_millis(200));
+
+    // Database 0 and another prefix see nothing of it.
+    let db0 = backend_on(&server.url(), "app:").await;
+    assert!(matches!(
+        db0.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Acquired(_)
+    ));
+    let other_prefix = backend_on(&format!("{}/3", server.url()), "other:").await;
+    assert!(matches!(
+        other_prefix
+            .acquire(&key, LEASE, Lookup::Check)
+            .await
+            .unwrap(),
+        Acquire::Acquired(_)
+    ));
+}
+
+async fn backend_on(url: &str, prefix: &str) -> RedisBackend {
+    RedisBackend::builder(url)
+        .prefix(prefix)
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn unix_socket_urls_connect() {
+    let dir = std::env::temp_dir().join(format!("tower-parking-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("redis.sock");
+    let socket_arg = socket.to_str().unwrap().to_owned();
+    let server = RedisServer::start(&[
+        "--unixsocket",
+        &socket_arg,
+        "--notify-keyspace-events",
+        "Kg$x",
+    ]);
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no socket at {socket:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let over_tcp = backend(&server).await;
+    let key = Key::new("over a socket");
+    let lease = acquired(over_tcp.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    for url in [
+        format!("unix://{socket_arg}"),
+        format!("redis+unix://{socket_arg}"),
+    ] {
+        let over_socket = RedisBackend::connect(&url).await.expect(&url);
+        assert!(matches!(
+            over_socket
+                .acquire(&key, LEASE, Lookup::Check)
+                .await
+                .unwrap(),
+            Acquire::Held { .. }
+        ));
+    }
+    over_tcp.release(&lease).await.unwrap();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
