@@ -883,3 +883,125 @@ async fn unix_socket_urls_connect() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Polls `condition` until it holds, for at most `limit`: for state that changes on a
+/// notification this process has no other signal of.
+async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    started.elapsed()
+}
+
+/// Reads `key` through `backend` until its copy of `expected` is kept locally: the notification
+/// of the write that stored it may land just after the read and drop the first copy.
+async fn read_until_kept(backend: &RedisBackend, key: &Key, expected: &str) {
+    let started = Instant::now();
+    loop {
+        match backend.acquire(key, LEASE, Lookup::Check).await.unwrap() {
+            Acquire::Fresh(value) => assert_eq!(value, expected),
+            other => panic!("expected the stored value, got {other:?}"),
+        }
+        if backend.peek(key).is_some_and(|kept| kept == expected) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{expected} was never kept"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn hits_are_served_locally_until_the_value_changes_anywhere() {
+    let server = RedisServer::start(NOTIFY);
+    let (a, b) = (backend(&server).await, backend(&server).await);
+    let key = Key::new("GET /token");
+    assert_eq!(b.peek(&key), None, "nothing read yet, nothing kept");
+
+    let lease = acquired(a.acquire(&key, LEASE, Lookup::Check).await.unwrap());
+    assert!(a
+        .complete(&lease, Bytes::from_static(b"v1"), TTL)
+        .await
+        .unwrap());
+    read_until_kept(&b, &key, "v1").await;
+
+    // Another process invalidates: the copy goes with the notification, not with its TTL.
+    a.invalidate(&key).await.unwrap();
+    let took = eventually(Duration::from_secs(1), || b.peek(&key).is_none()).await;
+    assert!(
+        took < Duration::from_millis(200),
+        "the copy outlived the invalidation by {took:?}"
+    );
+
+    // A value written behind the backend's back (another version, an operator) drops it too.
+    assert!(matches!(
+        b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Acquired(_)
+    ));
+    let inspector = server.inspector().await;
+    let resp = format!("parking:{{{}}}:resp", key.digest_hex());
+    let _: () = inspector
+        .set(
+            &resp,
+            "v2",
+            Some(fred::types::Expiration::PX(60_000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    read_until_kept(&b, &key, "v2").await;
+    let _: () = inspector
+        .set(
+            &resp,
+            "v3",
+            Some(fred::types::Expiration::PX(60_000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(1), || b.peek(&key).is_none()).await;
+
+    // A short-lived value is served locally no longer than it lives in Redis.
+    let _: () = inspector
+        .set(
+            &resp,
+            "short",
+            Some(fred::types::Expiration::PX(150)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    read_until_kept(&b, &key, "short").await;
+    // Expiry makes no notification reach this process in time: the copy's own deadline ends it.
+    tokio::time::sleep(Duration::from_millis(160)).await;
+    assert_eq!(b.peek(&key), None, "expired in Redis, so expired here");
+
+    // Turned off, nothing is kept.
+    let off = RedisBackend::builder(server.url())
+        .local_window_bytes(0)
+        .build()
+        .await
+        .unwrap();
+    let _: () = inspector
+        .set(
+            &resp,
+            "v4",
+            Some(fred::types::Expiration::PX(60_000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        off.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
+        Acquire::Fresh(_)
+    ));
+    assert_eq!(off.peek(&key), None);
+}

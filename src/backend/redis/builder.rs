@@ -13,6 +13,7 @@ use fred::{
 };
 
 use super::{
+    local::LocalWindow,
     scripts::Scripts,
     waiter::{self, CommandConnection, Streams, Waiters},
     Inner, Nonces, RedisBackend,
@@ -47,6 +48,7 @@ const NOTIFICATION_BACKLOG: usize = 16 * 1024;
 /// | [`command_timeout`](RedisBackendBuilder::command_timeout) | 1 second |
 /// | [`failure_policy`](RedisBackendBuilder::failure_policy) | [`FailurePolicy::FailOpen`] |
 /// | [`enable_keyspace_events`](RedisBackendBuilder::enable_keyspace_events) | `false` |
+/// | [`local_window_bytes`](RedisBackendBuilder::local_window_bytes) | 64 MiB |
 #[derive(Debug, Clone)]
 pub struct RedisBackendBuilder {
     url: String,
@@ -56,6 +58,7 @@ pub struct RedisBackendBuilder {
     command_timeout: Duration,
     failure_policy: FailurePolicy,
     enable_keyspace_events: bool,
+    local_window_bytes: usize,
 }
 
 impl RedisBackendBuilder {
@@ -68,6 +71,7 @@ impl RedisBackendBuilder {
             command_timeout: Duration::from_secs(1),
             failure_policy: FailurePolicy::FailOpen,
             enable_keyspace_events: false,
+            local_window_bytes: 64 * 1024 * 1024,
         }
     }
 
@@ -118,6 +122,16 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// How many bytes of values read from Redis this process keeps to serve hits without a round
+    /// trip (default 64 MiB; 0 turns the local window off). A copy is served only until its value
+    /// expires in Redis, and is dropped as soon as a keyspace notification says the value changed
+    /// (stored again, invalidated), so it can outlive a change made elsewhere by that
+    /// notification's latency, never by more. Values larger than a quarter of it are not kept.
+    pub fn local_window_bytes(mut self, bytes: usize) -> Self {
+        self.local_window_bytes = bytes;
+        self
+    }
+
     /// Connects (one command connection, one subscriber connection), subscribes to the keyspace
     /// notifications under the prefix, checks the server's `notify-keyspace-events` setting and
     /// loads the scripts.
@@ -164,9 +178,11 @@ impl RedisBackendBuilder {
             }
         };
         let waiters = Arc::new(Waiters::default());
+        let local = Arc::new(LocalWindow::new(self.local_window_bytes));
         let command_connection = Arc::new(CommandConnection::new());
         let dispatcher = tokio::spawn(waiter::dispatch(
             Arc::clone(&waiters),
+            Arc::clone(&local),
             Arc::clone(&command_connection),
             subscriber.clone(),
             patterns,
@@ -180,6 +196,7 @@ impl RedisBackendBuilder {
                 subscriber,
                 scripts,
                 waiters,
+                local,
                 command_connection,
                 dispatcher,
                 prefix: self.prefix,

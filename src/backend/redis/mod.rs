@@ -11,7 +11,9 @@
 //! | `P{H}:fence` | a counter that orders acquisitions | a few leases |
 //!
 //! Every operation is one Lua script (one round trip). Followers wait on keyspace notifications
-//! through one subscriber connection per backend.
+//! through one subscriber connection per backend. Values read from Redis are kept in a local
+//! window until they expire there, so a warm key is served without a round trip; the same
+//! notifications drop a copy as soon as its value changes in Redis.
 
 use std::{
     collections::hash_map::RandomState,
@@ -40,11 +42,13 @@ use super::{
 use crate::Key;
 
 mod builder;
+mod local;
 mod scripts;
 mod waiter;
 
 pub use builder::{RedisBackendBuilder, RedisSetupError};
 
+use local::LocalWindow;
 use scripts::{Script, Scripts};
 use waiter::{CommandConnection, Waiters};
 
@@ -96,6 +100,7 @@ struct Inner {
     subscriber: SubscriberClient,
     scripts: Scripts,
     waiters: Arc<Waiters>,
+    local: Arc<LocalWindow>,
     command_connection: Arc<CommandConnection>,
     dispatcher: JoinHandle<()>,
     prefix: String,
@@ -249,6 +254,7 @@ impl RedisBackend {
 
     /// Looks at the stored value and the lock without taking anything.
     async fn peek_remote(&self, keys: &RedisKeys) -> Result<Peeked, BackendError> {
+        let generation = self.inner.local.generation();
         let reply = self
             .run(
                 "wait",
@@ -258,7 +264,9 @@ impl RedisBackend {
             )
             .await?;
         match Reply::parse("wait", reply)? {
-            Reply::Fresh(value) => Ok(Peeked::Stored(value)),
+            Reply::Fresh(value, pttl) => {
+                Ok(Peeked::Stored(self.keep(keys, value, pttl, generation)))
+            }
             Reply::Held(-2) => Ok(Peeked::Free),
             Reply::Held(pttl) => Ok(Peeked::Held(self.remaining(pttl))),
             Reply::Acquired { .. } => Err(unexpected("wait", "an acquisition")),
@@ -280,6 +288,17 @@ impl RedisBackend {
                 tracing::debug!(error = %failure.error, "could not abandon a timed-out acquisition: its lock lives until its lease ends");
             }
         });
+    }
+
+    /// Keeps a copy of a value just read from Redis in the local window, until it expires there.
+    fn keep(&self, keys: &RedisKeys, value: Bytes, pttl: i64, generation: u64) -> Bytes {
+        if let Ok(pttl) = u64::try_from(pttl) {
+            let expires = Instant::now() + Duration::from_millis(pttl);
+            self.inner
+                .local
+                .keep(&keys.hash, value.clone(), expires, generation);
+        }
+        value
     }
 
     /// A lock's remaining life from its `PTTL` (-1, no expiry, which only a foreign writer could
@@ -310,8 +329,12 @@ enum Peeked {
 
 /// The tagged reply of the acquire and peek scripts.
 enum Reply {
-    Fresh(Bytes),
-    Acquired { fence: u64, token: String },
+    /// The value and its remaining time to live in milliseconds.
+    Fresh(Bytes, i64),
+    Acquired {
+        fence: u64,
+        token: String,
+    },
     Held(i64),
 }
 
@@ -320,7 +343,13 @@ impl Reply {
         let mut items = reply.into_array().into_iter();
         let tag = items.next().and_then(|tag| tag.as_string());
         let parsed = match tag.as_deref() {
-            Some("fresh") => items.next().and_then(Value::into_bytes).map(Reply::Fresh),
+            Some("fresh") => {
+                let value = items.next().and_then(Value::into_bytes);
+                let pttl = items.next().and_then(|pttl| pttl.as_i64());
+                value
+                    .zip(pttl)
+                    .map(|(value, pttl)| Reply::Fresh(value, pttl))
+            }
             Some("held") => items.next().and_then(|pttl| pttl.as_i64()).map(Reply::Held),
             Some("acquired") => {
                 let fence = items.next().and_then(|fence| fence.as_u64());
@@ -364,11 +393,12 @@ impl Backend for RedisBackend {
                 Lookup::Skip => "0",
             };
             let nonce = self.inner.nonces.next();
+            let generation = self.inner.local.generation();
             let reply = self
                 .run(
                     "acquire",
                     &self.inner.scripts.acquire,
-                    vec![keys.resp, keys.lock.clone(), keys.fence],
+                    vec![keys.resp.clone(), keys.lock.clone(), keys.fence.clone()],
                     vec![
                         Value::from_static_str(check),
                         millis(lease),
@@ -381,13 +411,15 @@ impl Backend for RedisBackend {
                 Ok(reply) => reply,
                 Err(failure) => {
                     if failure.may_still_run {
-                        self.abandon(keys.lock, nonce);
+                        self.abandon(keys.lock.clone(), nonce);
                     }
                     return Err(failure.error);
                 }
             };
             Ok(match Reply::parse("acquire", reply)? {
-                Reply::Fresh(value) => Acquire::Fresh(value),
+                Reply::Fresh(value, pttl) => {
+                    Acquire::Fresh(self.keep(&keys, value, pttl, generation))
+                }
                 Reply::Acquired { fence, token } => {
                     Acquire::Acquired(Lease::new(key.clone(), fence, token, lease))
                 }
@@ -504,6 +536,7 @@ impl Backend for RedisBackend {
                 vec![millis(Self::fence_ttl(self.inner.lease.lease))],
             )
             .await?;
+            self.inner.local.forget(&keys.hash);
             Ok(())
         })
     }
@@ -514,5 +547,9 @@ impl Backend for RedisBackend {
 
     fn failure_policy(&self) -> FailurePolicy {
         self.inner.failure_policy
+    }
+
+    fn peek(&self, key: &Key) -> Option<Bytes> {
+        self.inner.local.get(&key.digest_hex())
     }
 }

@@ -35,13 +35,13 @@ end
 }
 
 /// KEYS: resp, lock, fence. ARGV: lookup ('1' or '0'), lease ms, nonce, fence ttl ms.
-/// Returns `{'fresh', value}`, `{'acquired', fence, token}` or `{'held', lock pttl}`.
+/// Returns `{'fresh', value, value pttl}`, `{'acquired', fence, token}` or `{'held', lock pttl}`.
 const ACQUIRE: &str = concat!(
     next_fence_lua!(),
     r"
 if ARGV[1] == '1' then
   local value = redis.call('GET', KEYS[1])
-  if value then return {'fresh', value} end
+  if value then return {'fresh', value, redis.call('PTTL', KEYS[1])} end
 end
 local pttl = redis.call('PTTL', KEYS[2])
 if pttl ~= -2 then return {'held', pttl} end
@@ -52,10 +52,11 @@ return {'acquired', fence, token}
 "
 );
 
-/// KEYS: resp, lock. Returns `{'fresh', value}` or `{'held', lock pttl}` (-2: no lock).
+/// KEYS: resp, lock. Returns `{'fresh', value, value pttl}` or `{'held', lock pttl}` (-2: no
+/// lock).
 const PEEK: &str = r"
 local value = redis.call('GET', KEYS[1])
-if value then return {'fresh', value} end
+if value then return {'fresh', value, redis.call('PTTL', KEYS[1])} end
 return {'held', redis.call('PTTL', KEYS[2])}
 ";
 

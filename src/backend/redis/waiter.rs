@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::local::LocalWindow;
 use dashmap::{mapref::entry::Entry, DashMap};
 use fred::{
     clients::{Client, SubscriberClient},
@@ -116,10 +117,20 @@ impl Drop for Registration<'_> {
     }
 }
 
-/// Which Redis key of a parking key a notification is about, and whether it can end a wait.
-fn hash_to_wake<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<&'e str> {
+/// The hash of the parking key a notification is about, and which of its Redis keys it names.
+fn parse_event<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<(&'e str, &'e str)> {
     let name = event.key.as_str()?.strip_prefix(prefix)?;
-    let (hash, suffix) = name.strip_prefix('{')?.split_once('}')?;
+    name.strip_prefix('{')?.split_once('}')
+}
+
+/// The hash of the parking key whose stored value a notification says changed, in any way.
+fn value_changed<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<&'e str> {
+    parse_event(prefix, event).and_then(|(hash, suffix)| (suffix == ":resp").then_some(hash))
+}
+
+/// The hash of the parking key whose waiters a notification can release.
+fn hash_to_wake<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<&'e str> {
+    let (hash, suffix) = parse_event(prefix, event)?;
     let ends_a_wait = match suffix {
         ":resp" => event.operation == "set",
         ":lock" => matches!(event.operation.as_str(), "del" | "expired" | "evicted"),
@@ -204,6 +215,7 @@ impl CommandConnection {
 /// Turns the connections' events into wake-ups until the clients quit.
 pub(super) async fn dispatch(
     waiters: Arc<Waiters>,
+    local: Arc<LocalWindow>,
     command_connection: Arc<CommandConnection>,
     subscriber: SubscriberClient,
     patterns: Vec<String>,
@@ -214,6 +226,7 @@ pub(super) async fn dispatch(
     tokio::join!(
         wake_on_notifications(
             &waiters,
+            &local,
             &subscriber,
             &patterns,
             &prefix,
@@ -231,6 +244,7 @@ pub(super) async fn dispatch(
 
 async fn wake_on_notifications(
     waiters: &Waiters,
+    local: &LocalWindow,
     subscriber: &SubscriberClient,
     patterns: &[String],
     prefix: &str,
@@ -241,12 +255,16 @@ async fn wake_on_notifications(
         tokio::select! {
             event = keyspace.recv() => match event {
                 Ok(event) => {
+                    if let Some(hash) = value_changed(prefix, &event) {
+                        local.forget(hash);
+                    }
                     if let Some(hash) = hash_to_wake(prefix, &event) {
                         waiters.wake(hash);
                     }
                 }
                 Err(RecvError::Lagged(missed)) => {
                     tracing::debug!(missed, "keyspace notifications lagged: every waiter re-checks");
+                    local.clear();
                     waiters.wake_everyone();
                 }
                 Err(RecvError::Closed) => break,
@@ -258,6 +276,7 @@ async fn wake_on_notifications(
                     if let Err(error) = subscriber.psubscribe(patterns.to_vec()).await {
                         tracing::warn!(%error, "could not re-subscribe to keyspace notifications after a reconnect: waits fall back to lock expiry until the next reconnect");
                     }
+                    local.clear();
                     waiters.wake_everyone();
                 }
                 Err(RecvError::Closed) => break,
