@@ -229,6 +229,8 @@ impl<V: Value> Inner<V> {
         let lease = self.backend.lease_settings().lease;
         let deadline = self.wait_timeout.map(|timeout| Instant::now() + timeout);
         let mut lookup = Lookup::Check;
+        // A value found after waiting for another leader came from that leader: parked, not hit.
+        let mut waited = false;
         loop {
             let stored = match self.backend.acquire(key, lease, lookup).await {
                 Err(error) => return self.without_backend("acquire", error, work).await,
@@ -238,7 +240,8 @@ impl<V: Value> Inner<V> {
                     if let Some(hook) = &self.before_wait {
                         hook(key.clone()).await;
                     }
-                    match self.backend.wait(key, deadline).await {
+                    waited = true;
+                    match self.backend.wait(key, lookup, deadline).await {
                         Err(error) => return self.without_backend("wait", error, work).await,
                         Ok(Wake::Stored(bytes)) => (Outcome::Parked, bytes),
                         Ok(Wake::Released) => {
@@ -250,6 +253,7 @@ impl<V: Value> Inner<V> {
                 }
             };
             let (outcome, bytes) = stored;
+            let outcome = if waited { Outcome::Parked } else { outcome };
             match V::decode(bytes) {
                 Ok(value) => return (outcome, Ok(Some(value))),
                 Err(error) => {

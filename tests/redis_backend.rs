@@ -2,13 +2,7 @@
 //! test starts on its own free port (never the machine's own Redis).
 #![cfg(feature = "redis")]
 
-use std::{
-    net::{TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fred::{
@@ -21,94 +15,15 @@ use tower_parking::{
     Backend, BackendError, FailurePolicy, Key, RedisBackend, RedisSetupError,
 };
 
-/// Keyspace notifications as the backend needs them, for servers started "already configured".
-const NOTIFY: &[&str] = &["--notify-keyspace-events", "Kg$x"];
+mod support;
 
-/// A `redis-server` of our own: a free loopback port, a temporary directory, no persistence.
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    args: Vec<String>,
-}
+use support::RedisServer;
 
-impl RedisServer {
-    fn start(args: &[&str]) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let dir = std::env::temp_dir().join(format!(
-            "tower-parking-redis-backend-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let mut server = Self {
-            child: None,
-            port,
-            dir,
-            args: args.iter().map(|arg| arg.to_string()).collect(),
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!("cannot start redis-server ({error}): install it (apt-get install redis-server) or run scripts/test")
-            });
-        self.child = Some(child);
-        let started = std::time::Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not listen on port {} within 10 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// A plain client, to look at and poke the server from outside the backend.
-    async fn inspector(&self) -> Client {
-        let client = Client::new(Config::from_url(&self.url()).unwrap(), None, None, None);
-        client.init().await.expect("the inspector connects");
-        client
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A plain client, to look at and poke the server from outside the backend.
+async fn inspector(server: &RedisServer) -> Client {
+    let client = Client::new(Config::from_url(&server.url()).unwrap(), None, None, None);
+    client.init().await.expect("the inspector connects");
+    client
 }
 
 async fn command(client: &Client, name: &'static str, args: Vec<&str>) -> Value {
@@ -147,7 +62,7 @@ const TTL: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn one_leader_then_the_stored_value_for_everyone() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (a, b) = (backend(&server).await, backend(&server).await);
     let key = Key::new("GET /report");
 
@@ -171,7 +86,7 @@ async fn one_leader_then_the_stored_value_for_everyone() {
     }
 
     // The Redis keys are hashed and hash-tagged; the lock is gone, the value has its TTL.
-    let inspector = server.inspector().await;
+    let inspector = inspector(&server).await;
     let hash = key.digest_hex();
     let resp: Option<String> = inspector
         .get(format!("parking:{{{hash}}}:resp"))
@@ -196,14 +111,17 @@ async fn one_leader_then_the_stored_value_for_everyone() {
 
 #[tokio::test]
 async fn a_fenced_out_leader_cannot_store_or_renew() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (a, b) = (backend(&server).await, backend(&server).await);
     let key = Key::new("fenced");
     let short = Duration::from_millis(200);
 
     let stale = acquired(a.acquire(&key, short, Lookup::Check).await.unwrap());
     // The leader stalls past its lease: the lock expires and another caller takes over.
-    assert!(matches!(b.wait(&key, None).await.unwrap(), Wake::Released));
+    assert!(matches!(
+        b.wait(&key, Lookup::Check, None).await.unwrap(),
+        Wake::Released
+    ));
     let later = acquired(b.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     assert!(later.fence() > stale.fence());
 
@@ -231,7 +149,7 @@ async fn a_fenced_out_leader_cannot_store_or_renew() {
 
 #[tokio::test]
 async fn a_leader_that_lost_its_lease_to_nobody_may_still_store() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let a = backend(&server).await;
     let key = Key::new("late but alone");
     let lease = acquired(
@@ -239,7 +157,10 @@ async fn a_leader_that_lost_its_lease_to_nobody_may_still_store() {
             .await
             .unwrap(),
     );
-    assert!(matches!(a.wait(&key, None).await.unwrap(), Wake::Released));
+    assert!(matches!(
+        a.wait(&key, Lookup::Check, None).await.unwrap(),
+        Wake::Released
+    ));
     assert!(a
         .complete(&lease, Bytes::from_static(b"late"), TTL)
         .await
@@ -248,7 +169,7 @@ async fn a_leader_that_lost_its_lease_to_nobody_may_still_store() {
 
 #[tokio::test]
 async fn invalidate_forgets_the_value_and_fences_out_the_running_leader() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let a = backend(&server).await;
     let key = Key::new("invalidated");
 
@@ -276,7 +197,7 @@ async fn invalidate_forgets_the_value_and_fences_out_the_running_leader() {
 
 #[tokio::test]
 async fn renewal_keeps_the_lock_past_its_lease() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (a, b) = (backend(&server).await, backend(&server).await);
     let key = Key::new("long work");
     let lease_time = Duration::from_millis(300);
@@ -322,7 +243,7 @@ async fn parked_waiter(
 ) -> tokio::task::JoinHandle<(Result<Wake, BackendError>, Instant)> {
     let (follower, key) = (follower.clone(), key.clone());
     let waiter = tokio::spawn(async move {
-        let wake = follower.wait(&key, deadline).await;
+        let wake = follower.wait(&key, Lookup::Check, deadline).await;
         (wake, Instant::now())
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -331,7 +252,7 @@ async fn parked_waiter(
 
 #[tokio::test]
 async fn a_parked_follower_wakes_on_complete_long_before_the_lease() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     let key = Key::new("GET /slow");
     let lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
@@ -364,7 +285,7 @@ async fn a_parked_follower_wakes_on_complete_long_before_the_lease() {
 
 #[tokio::test]
 async fn a_parked_follower_wakes_on_release() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     let key = Key::new("GET /fails");
     let lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
@@ -384,7 +305,7 @@ async fn a_parked_follower_wakes_on_release() {
 
 #[tokio::test]
 async fn a_wait_that_starts_after_the_leader_finished_returns_at_once() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     let key = Key::new("raced");
     let lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
@@ -399,7 +320,11 @@ async fn a_wait_that_starts_after_the_leader_finished_returns_at_once() {
         .unwrap());
     let started = Instant::now();
     let wake = follower
-        .wait(&key, Some(Instant::now() + Duration::from_secs(5)))
+        .wait(
+            &key,
+            Lookup::Check,
+            Some(Instant::now() + Duration::from_secs(5)),
+        )
         .await
         .unwrap();
     assert!(matches!(wake, Wake::Stored(_)), "{wake:?}");
@@ -408,7 +333,7 @@ async fn a_wait_that_starts_after_the_leader_finished_returns_at_once() {
 
 #[tokio::test]
 async fn a_dead_leaders_lock_ends_the_wait_when_it_expires() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     let key = Key::new("orphaned");
     let lease_time = Duration::from_millis(500);
@@ -419,7 +344,7 @@ async fn a_dead_leaders_lock_ends_the_wait_when_it_expires() {
             .unwrap(),
     );
     let started = Instant::now();
-    let wake = follower.wait(&key, None).await.unwrap();
+    let wake = follower.wait(&key, Lookup::Check, None).await.unwrap();
     let waited = started.elapsed();
     assert!(matches!(wake, Wake::Released), "{wake:?}");
     assert!(
@@ -431,13 +356,16 @@ async fn a_dead_leaders_lock_ends_the_wait_when_it_expires() {
 
 #[tokio::test]
 async fn the_deadline_ends_a_wait_on_a_live_leader() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     let key = Key::new("patience");
     let _lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     let started = Instant::now();
     let timeout = Duration::from_millis(300);
-    let wake = follower.wait(&key, Some(started + timeout)).await.unwrap();
+    let wake = follower
+        .wait(&key, Lookup::Check, Some(started + timeout))
+        .await
+        .unwrap();
     let waited = started.elapsed();
     assert!(matches!(wake, Wake::TimedOut), "{wake:?}");
     assert!(
@@ -448,8 +376,8 @@ async fn the_deadline_ends_a_wait_on_a_live_leader() {
 
 #[tokio::test]
 async fn two_connections_per_backend_however_many_waits() {
-    let server = RedisServer::start(NOTIFY);
-    let inspector = server.inspector().await;
+    let server = RedisServer::start();
+    let inspector = inspector(&server).await;
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     assert_eq!(connections(&inspector).await.len(), 4, "two backends");
 
@@ -466,7 +394,7 @@ async fn two_connections_per_backend_however_many_waits() {
         .iter()
         .map(|key| {
             let (follower, key) = (follower.clone(), key.clone());
-            tokio::spawn(async move { follower.wait(&key, None).await.unwrap() })
+            tokio::spawn(async move { follower.wait(&key, Lookup::Check, None).await.unwrap() })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -502,7 +430,7 @@ async fn two_connections_per_backend_however_many_waits() {
 
 #[tokio::test]
 async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
-    let mut server = RedisServer::start(NOTIFY);
+    let mut server = RedisServer::start();
     let (leader, follower) = (backend(&server).await, backend(&server).await);
     let key = Key::new("outage");
     let _lease = acquired(leader.acquire(&key, LEASE, Lookup::Check).await.unwrap());
@@ -523,7 +451,7 @@ async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
         failed - killed
     );
     let started = Instant::now();
-    assert!(follower.wait(&key, None).await.is_err());
+    assert!(follower.wait(&key, Lookup::Check, None).await.is_err());
     assert!(
         started.elapsed() < Duration::from_millis(100),
         "{:?}",
@@ -579,7 +507,7 @@ async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
 
 #[tokio::test]
 async fn a_slow_redis_fails_each_command_within_the_timeout() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let backend = RedisBackend::builder(server.url())
         .command_timeout(Duration::from_millis(300))
         .failure_policy(FailurePolicy::FailClosed)
@@ -588,7 +516,7 @@ async fn a_slow_redis_fails_each_command_within_the_timeout() {
         .unwrap();
     let other = RedisBackend::connect(&server.url()).await.unwrap();
     assert_eq!(backend.failure_policy(), FailurePolicy::FailClosed);
-    let inspector = server.inspector().await;
+    let inspector = inspector(&server).await;
     let key = Key::new("slow");
     let _: Value = command(&inspector, "CLIENT", vec!["PAUSE", "1000", "ALL"]).await;
 
@@ -613,9 +541,9 @@ async fn a_slow_redis_fails_each_command_within_the_timeout() {
 
 #[tokio::test]
 async fn a_fence_counter_created_again_still_only_grows() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let backend = backend(&server).await;
-    let inspector = server.inspector().await;
+    let inspector = inspector(&server).await;
     let key = Key::new("forgotten fence");
     let first = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     backend.release(&first).await.unwrap();
@@ -639,9 +567,9 @@ async fn a_fence_counter_created_again_still_only_grows() {
 
 #[tokio::test]
 async fn scripts_are_loaded_again_after_a_script_flush() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let backend = backend(&server).await;
-    let inspector = server.inspector().await;
+    let inspector = inspector(&server).await;
     let _: Value = command(&inspector, "SCRIPT", vec!["FLUSH"]).await;
     let lease = acquired(
         backend
@@ -657,7 +585,7 @@ async fn scripts_are_loaded_again_after_a_script_flush() {
 
 #[tokio::test]
 async fn keyspace_events_off_fail_the_build_with_what_to_set() {
-    let server = RedisServer::start(&["--notify-keyspace-events", "Ex"]);
+    let server = RedisServer::start_with(&["--notify-keyspace-events", "Ex"]);
     let error = RedisBackend::connect(&server.url()).await.unwrap_err();
     match &error {
         RedisSetupError::KeyspaceEventsDisabled { current, needed } => {
@@ -677,7 +605,7 @@ async fn keyspace_events_off_fail_the_build_with_what_to_set() {
     }
 
     // A failed build leaves no connection behind.
-    let inspector = server.inspector().await;
+    let inspector = inspector(&server).await;
     let deadline = Instant::now() + Duration::from_secs(2);
     while !connections(&inspector).await.is_empty() {
         assert!(
@@ -717,7 +645,13 @@ async fn keyspace_events_off_fail_the_build_with_what_to_set() {
 
 #[tokio::test]
 async fn without_config_the_build_checks_notifications_live() {
-    let locked_down = RedisServer::start(&["--rename-command", "CONFIG", ""]);
+    let locked_down = RedisServer::start_with(&[
+        "--rename-command",
+        "CONFIG",
+        "",
+        "--notify-keyspace-events",
+        "",
+    ]);
     let error = RedisBackend::builder(locked_down.url())
         .enable_keyspace_events(true)
         .build()
@@ -733,7 +667,7 @@ async fn without_config_the_build_checks_notifications_live() {
     }
 
     // Set by the operator (as a managed service's parameter group would), it passes.
-    let configured = RedisServer::start(&[
+    let configured = RedisServer::start_with(&[
         "--rename-command",
         "CONFIG",
         "",
@@ -788,7 +722,7 @@ async fn bad_settings_fail_before_connecting() {
 
 #[tokio::test]
 async fn settings_are_reported_and_databases_are_separate() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let backend = RedisBackend::builder(format!("{}/3", server.url()))
         .prefix("app:")
         .lease(Duration::from_secs(6))
@@ -849,7 +783,7 @@ async fn unix_socket_urls_connect() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("redis.sock");
     let socket_arg = socket.to_str().unwrap().to_owned();
-    let server = RedisServer::start(&[
+    let server = RedisServer::start_with(&[
         "--unixsocket",
         &socket_arg,
         "--notify-keyspace-events",
@@ -917,7 +851,7 @@ async fn read_until_kept(backend: &RedisBackend, key: &Key, expected: &str) {
 
 #[tokio::test]
 async fn hits_are_served_locally_until_the_value_changes_anywhere() {
-    let server = RedisServer::start(NOTIFY);
+    let server = RedisServer::start();
     let (a, b) = (backend(&server).await, backend(&server).await);
     let key = Key::new("GET /token");
     assert_eq!(b.peek(&key), None, "nothing read yet, nothing kept");
@@ -942,7 +876,7 @@ async fn hits_are_served_locally_until_the_value_changes_anywhere() {
         b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
         Acquire::Acquired(_)
     ));
-    let inspector = server.inspector().await;
+    let inspector = inspector(&server).await;
     let resp = format!("parking:{{{}}}:resp", key.digest_hex());
     let _: () = inspector
         .set(

@@ -230,7 +230,12 @@ impl Backend for MemoryBackend {
         Self::ready(())
     }
 
-    fn wait<'a>(&'a self, key: &'a Key, deadline: Option<Instant>) -> BackendFuture<'a, Wake> {
+    fn wait<'a>(
+        &'a self,
+        key: &'a Key,
+        lookup: Lookup,
+        deadline: Option<Instant>,
+    ) -> BackendFuture<'a, Wake> {
         Box::pin(async move {
             loop {
                 let changed = {
@@ -248,7 +253,10 @@ impl Backend for MemoryBackend {
                 let lock_until = {
                     let entries = self.entries();
                     let entry = entries.get(key);
-                    if let Some(value) = entry.and_then(|entry| entry.fresh_value(now)) {
+                    let stored = entry
+                        .and_then(|entry| entry.fresh_value(now))
+                        .filter(|_| lookup == Lookup::Check);
+                    if let Some(value) = stored {
                         return Ok(Wake::Stored(value.clone()));
                     }
                     match entry.and_then(|entry| entry.live_lock(now)) {

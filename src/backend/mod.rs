@@ -70,7 +70,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Waits until a value is stored for `key`, its lock is released or expires, or `deadline`
     /// passes (`None`: no deadline; the lock's expiry still bounds the wait).
-    fn wait<'a>(&'a self, key: &'a Key, deadline: Option<Instant>) -> BackendFuture<'a, Wake>;
+    ///
+    /// With [`Lookup::Skip`] the stored value is known not to decode: the wait ignores it and ends
+    /// only when the lock is gone (the leader's `complete` stores and releases in one step, so the
+    /// caller then finds the new value with [`Lookup::Check`]).
+    fn wait<'a>(
+        &'a self,
+        key: &'a Key,
+        lookup: Lookup,
+        deadline: Option<Instant>,
+    ) -> BackendFuture<'a, Wake>;
 
     /// Forgets the stored value for `key` and fences out the current leader, if any: its
     /// `complete` will be refused, so the next caller runs the work again.
@@ -116,8 +125,13 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
     fn release<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, ()> {
         (**self).release(lease)
     }
-    fn wait<'a>(&'a self, key: &'a Key, deadline: Option<Instant>) -> BackendFuture<'a, Wake> {
-        (**self).wait(key, deadline)
+    fn wait<'a>(
+        &'a self,
+        key: &'a Key,
+        lookup: Lookup,
+        deadline: Option<Instant>,
+    ) -> BackendFuture<'a, Wake> {
+        (**self).wait(key, lookup, deadline)
     }
     fn invalidate<'a>(&'a self, key: &'a Key) -> BackendFuture<'a, ()> {
         (**self).invalidate(key)

@@ -253,14 +253,14 @@ impl RedisBackend {
     }
 
     /// Looks at the stored value and the lock without taking anything.
-    async fn peek_remote(&self, keys: &RedisKeys) -> Result<Peeked, BackendError> {
+    async fn peek_remote(&self, keys: &RedisKeys, lookup: Lookup) -> Result<Peeked, BackendError> {
         let generation = self.inner.local.generation();
         let reply = self
             .run(
                 "wait",
                 &self.inner.scripts.peek,
                 vec![keys.resp.clone(), keys.lock.clone()],
-                vec![],
+                vec![lookup_arg(lookup)],
             )
             .await?;
         match Reply::parse("wait", reply)? {
@@ -370,6 +370,13 @@ fn unexpected(operation: &str, what: &str) -> BackendError {
     ))
 }
 
+fn lookup_arg(lookup: Lookup) -> Value {
+    Value::from_static_str(match lookup {
+        Lookup::Check => "1",
+        Lookup::Skip => "0",
+    })
+}
+
 fn millis(duration: Duration) -> Value {
     // Redis refuses a zero `PX`; a sub-millisecond duration rounds up to 1 ms.
     Value::Integer(i64::try_from(duration.as_millis().max(1)).unwrap_or(i64::MAX))
@@ -388,10 +395,6 @@ impl Backend for RedisBackend {
     ) -> BackendFuture<'a, Acquire> {
         Box::pin(async move {
             let keys = self.keys(key);
-            let check = match lookup {
-                Lookup::Check => "1",
-                Lookup::Skip => "0",
-            };
             let nonce = self.inner.nonces.next();
             let generation = self.inner.local.generation();
             let reply = self
@@ -400,7 +403,7 @@ impl Backend for RedisBackend {
                     &self.inner.scripts.acquire,
                     vec![keys.resp.clone(), keys.lock.clone(), keys.fence.clone()],
                     vec![
-                        Value::from_static_str(check),
+                        lookup_arg(lookup),
                         millis(lease),
                         nonce.as_str().into(),
                         millis(Self::fence_ttl(lease)),
@@ -488,7 +491,12 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn wait<'a>(&'a self, key: &'a Key, deadline: Option<Instant>) -> BackendFuture<'a, Wake> {
+    fn wait<'a>(
+        &'a self,
+        key: &'a Key,
+        lookup: Lookup,
+        deadline: Option<Instant>,
+    ) -> BackendFuture<'a, Wake> {
         Box::pin(async move {
             let keys = self.keys(key);
             let registration = self.inner.waiters.register(&keys.hash);
@@ -496,7 +504,7 @@ impl Backend for RedisBackend {
                 // Armed before the re-check: a change after it wakes us even if it lands before
                 // we start waiting.
                 let changed = registration.armed();
-                let expires_in = match self.peek_remote(&keys).await? {
+                let expires_in = match self.peek_remote(&keys, lookup).await? {
                     Peeked::Stored(value) => return Ok(Wake::Stored(value)),
                     Peeked::Free => return Ok(Wake::Released),
                     Peeked::Held(expires_in) => expires_in,

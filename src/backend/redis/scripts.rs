@@ -52,11 +52,13 @@ return {'acquired', fence, token}
 "
 );
 
-/// KEYS: resp, lock. Returns `{'fresh', value, value pttl}` or `{'held', lock pttl}` (-2: no
-/// lock).
+/// KEYS: resp, lock. ARGV: lookup ('1' or '0'). Returns `{'fresh', value, value pttl}` or
+/// `{'held', lock pttl}` (-2: no lock).
 const PEEK: &str = r"
-local value = redis.call('GET', KEYS[1])
-if value then return {'fresh', value, redis.call('PTTL', KEYS[1])} end
+if ARGV[1] == '1' then
+  local value = redis.call('GET', KEYS[1])
+  if value then return {'fresh', value, redis.call('PTTL', KEYS[1])} end
+end
 return {'held', redis.call('PTTL', KEYS[2])}
 ";
 

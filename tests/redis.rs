@@ -1,0 +1,1181 @@
+//! The Redis backend against a real `redis-server`: several instances (each its own layer,
+//! backend, Redis connections and runtime, as separate processes would have) and real processes
+//! of the server example, sharing one Redis. Every test starts its own server on a free port.
+//!
+//! Each scenario asserts how many times the handler ran, what every caller received and how long
+//! it waited.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use axum::{extract::Path, routing::get, Router};
+use bytes::Bytes;
+use http::{request::Parts, StatusCode};
+use support::{
+    eventually, Gate, HttpClient, Instance, RedisServer, Reply, Resp, ServerProcess, Tally,
+};
+use tower_parking::{
+    backend::{Acquire, Lookup, Wake},
+    Backend, Key, Parker, ParkerBuilder, ParkingLayer, RedisBackend, RedisBackendBuilder,
+    RedisSetupError, Stats, StoredResponse,
+};
+
+/// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
+const SOON: Duration = Duration::from_secs(10);
+
+/// Requests are keyed by path alone, so a test can name the Redis keys of a request.
+fn by_path(parts: &Parts) -> Option<Key> {
+    Some(Key::new(parts.uri.path()))
+}
+
+/// The Redis key holding the stored response of the request for `path` (default prefix).
+fn resp_key(path: &str) -> String {
+    format!("parking:{{{}}}:resp", Key::new(path).digest_hex())
+}
+
+/// The Redis key holding the leader's lock for `path`.
+fn lock_key(path: &str) -> String {
+    format!("parking:{{{}}}:lock", Key::new(path).digest_hex())
+}
+
+/// An engine whose followers count, in `parked`, each time they found the lock held by another
+/// instance and are about to wait for it: the signal that an instance is parked.
+fn counting_parked(parked: &Tally) -> ParkerBuilder {
+    let parked = parked.clone();
+    Parker::<StoredResponse>::builder().before_wait(move |_key| {
+        parked.add();
+        Box::pin(async {})
+    })
+}
+
+/// The layer of every instance: keyed by path, followers counted in `parked`.
+fn parking(parked: &Tally, ttl: Duration) -> ParkingLayer {
+    ParkingLayer::new()
+        .parker_builder(counting_parked(parked))
+        .key(by_path)
+        .ttl(ttl)
+}
+
+/// The service behind the layer: `GET /slow/{key}` counts its run in `runs` (shared by every
+/// instance), awaits `work(key, run)` and answers `"{key} run {run}"`.
+fn app<W, Fut>(runs: &Tally, work: W) -> Router
+where
+    W: Fn(String, usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let runs = runs.clone();
+    Router::new().route(
+        "/slow/{key}",
+        get(move |Path(key): Path<String>| {
+            let runs = runs.clone();
+            let work = work.clone();
+            async move {
+                let run = runs.add();
+                work(key.clone(), run).await;
+                format!("{key} run {run}")
+            }
+        }),
+    )
+}
+
+/// Work that waits at `gate`.
+fn gated(
+    gate: &Gate,
+) -> impl Fn(String, usize) -> futures_util::future::BoxFuture<'static, ()> + Clone {
+    let gate = gate.clone();
+    move |_key, _run| {
+        let gate = gate.clone();
+        Box::pin(async move { gate.wait().await })
+    }
+}
+
+/// Starts `n` instances on `redis`, each with its own backend (`backend` adjusts the builder),
+/// its own `layer()` and a clone of `app`.
+fn start_instances(
+    n: usize,
+    redis: &RedisServer,
+    backend: impl Fn(RedisBackendBuilder) -> RedisBackendBuilder,
+    layer: impl Fn() -> ParkingLayer,
+    app: &Router,
+) -> Vec<Instance> {
+    (0..n)
+        .map(|_| {
+            Instance::start(
+                backend(RedisBackend::builder(redis.url())),
+                layer(),
+                app.clone(),
+            )
+        })
+        .collect()
+}
+
+/// `count` requests for `path` to each instance, interleaved.
+fn urls(instances: &[&Instance], path: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .flat_map(|_| instances.iter().map(|instance| instance.url(path)))
+        .collect()
+}
+
+/// Waits until `total` requests (since the instance started) are in each instance's parking
+/// layer: each has joined or started its key's flight, so none can arrive after it ended.
+async fn wait_all_in(instances: &[&Instance], total: usize) {
+    for instance in instances {
+        instance
+            .waiting()
+            .wait_for(total, SOON, "requests in the instance")
+            .await;
+    }
+}
+
+/// How many replies carry each `x-parking` outcome.
+fn outcomes(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.outcome().to_string()).or_default() += 1;
+    }
+    counts
+}
+
+/// `(miss, parked or hit, coalesced)` of the flights of a takeover: one instance's flight leads
+/// the new run, the other instance's flight gets its value. That flight saw the lock go, and then
+/// found either the new leader's lock (it parks: `parked`) or, if the new leader was quicker than
+/// its re-check, the stored value (`hit`: the core counts a value found by `acquire` after a
+/// wait as a hit).
+fn takeover_outcomes(replies: &[Reply]) -> (usize, usize, usize) {
+    (
+        count(replies, "miss"),
+        count(replies, "parked") + count(replies, "hit"),
+        count(replies, "coalesced"),
+    )
+}
+
+fn count(replies: &[Reply], outcome: &str) -> usize {
+    replies
+        .iter()
+        .filter(|reply| reply.outcome() == outcome)
+        .count()
+}
+
+/// Asserts every reply is a 200 with exactly `body`.
+fn assert_all_served(replies: &[Reply], body: &str) {
+    for reply in replies {
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.text(), body, "{reply:?}");
+    }
+}
+
+/// The counters of every instance added up.
+fn total(instances: &[Instance]) -> Stats {
+    let mut sum = Stats::default();
+    for stats in instances.iter().map(Instance::stats) {
+        sum.hit += stats.hit;
+        sum.miss += stats.miss;
+        sum.coalesced += stats.coalesced;
+        sum.parked += stats.parked;
+        sum.bypass += stats.bypass;
+        sum.timeout += stats.timeout;
+        sum.executions += stats.executions;
+        sum.failures += stats.failures;
+        sum.backend_errors += stats.backend_errors;
+    }
+    sum
+}
+
+/// Whether the `notify-keyspace-events` value `flags` includes every flag in `needed`
+/// (`A` standing for `g$lshzxetd`).
+fn flags_cover(flags: &str, needed: &str) -> bool {
+    let expanded = flags.replace('A', "g$lshzxetd");
+    needed
+        .replace('A', "g$lshzxetd")
+        .chars()
+        .all(|flag| expanded.contains(flag))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_run_the_handler_once_for_200_callers() {
+    let redis = RedisServer::start();
+    let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
+    let app = app(&runs, gated(&gate));
+    let instances = start_instances(
+        4,
+        &redis,
+        |backend| backend.lease(Duration::from_secs(5)),
+        || parking(&parked, Duration::from_secs(30)),
+        &app,
+    );
+    let all: Vec<&Instance> = instances.iter().collect();
+
+    let client = HttpClient::new();
+    let burst = tokio::spawn({
+        let (client, urls) = (client.clone(), urls(&all, "/slow/one", 50));
+        async move { client.get_all_ok(urls).await }
+    });
+    // Hold the leader until every request joined a flight and the three other instances are
+    // parked on the lock, so each outcome below is determined.
+    wait_all_in(&all, 50).await;
+    runs.wait_for(1, SOON, "handler runs").await;
+    parked
+        .wait_for(3, SOON, "instances parked behind the leader")
+        .await;
+    let opened = Instant::now();
+    gate.open();
+    let replies = burst.await.unwrap();
+    let served_in = opened.elapsed();
+
+    assert_eq!(replies.len(), 200);
+    assert_all_served(&replies, "one run 1");
+    assert_eq!(runs.get(), 1, "the handler ran once across 4 instances");
+    assert_eq!(
+        (
+            count(&replies, "miss"),
+            count(&replies, "parked"),
+            count(&replies, "coalesced")
+        ),
+        (1, 3, 196),
+        "one leader; one parked flight in each other instance; everyone else joined a flight: {:?}",
+        outcomes(&replies)
+    );
+    let stats = total(&instances);
+    assert_eq!(stats.executions, 1, "{stats:?}");
+    assert_eq!(
+        (stats.miss, stats.parked, stats.coalesced),
+        (1, 3, 196),
+        "{stats:?}"
+    );
+    assert_eq!(
+        (stats.hit, stats.timeout, stats.backend_errors),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert!(
+        served_in < Duration::from_secs(2),
+        "callers were served {served_in:?} after the leader finished"
+    );
+    // Connections do not grow with load: two per backend at most, plus this test's own.
+    let clients = redis.connected_clients();
+    assert!(
+        clients <= 4 * 2 + 1,
+        "{clients} Redis connections for 4 instances"
+    );
+    for instance in &instances {
+        assert_eq!(instance.layer().parker().in_flight(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ttl_window_is_shared_across_instances() {
+    let redis = RedisServer::start();
+    let (runs, parked) = (Tally::new(), Tally::new());
+    let ttl = Duration::from_millis(1500);
+    let app = app(&runs, |_, _| async {});
+    let instances = start_instances(3, &redis, |backend| backend, || parking(&parked, ttl), &app);
+    let all: Vec<&Instance> = instances.iter().collect();
+    let client = HttpClient::new();
+
+    let first = client.get(&instances[0].url("/slow/window")).await.unwrap();
+    assert_eq!(
+        (first.outcome(), first.text().as_str()),
+        ("miss", "window run 1")
+    );
+
+    let inside = client.get_all_ok(urls(&all, "/slow/window", 10)).await;
+    let left = redis.cmd(&["PTTL", &resp_key("/slow/window")]).integer();
+    assert!(
+        left > 0,
+        "the burst outlasted the TTL window: the test proves nothing"
+    );
+    assert_all_served(&inside, "window run 1");
+    // Each instance reads the window from Redis; concurrent callers in it share that read.
+    assert_eq!(
+        count(&inside, "hit") + count(&inside, "coalesced"),
+        30,
+        "{:?}",
+        outcomes(&inside)
+    );
+    assert!(count(&inside, "hit") >= 3, "{:?}", outcomes(&inside));
+    assert_eq!(runs.get(), 1, "no run inside the window, in any instance");
+
+    eventually(ttl + SOON, "the stored response to expire", || async {
+        (redis.cmd(&["EXISTS", &resp_key("/slow/window")]).integer() == 0).then_some(())
+    })
+    .await;
+    let after = client.get_all_ok(urls(&all, "/slow/window", 10)).await;
+    assert_all_served(&after, "window run 2");
+    assert_eq!(runs.get(), 2, "exactly one run after the window");
+    assert_eq!(count(&after, "miss"), 1, "{:?}", outcomes(&after));
+    assert_eq!(total(&instances).executions, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_dies_mid_handler_costs_one_more_run_within_its_lease() {
+    let redis = RedisServer::start();
+    let (runs, parked) = (Tally::new(), Tally::new());
+    let (lease, work) = (Duration::from_secs(1), Duration::from_millis(200));
+    // The first run never ends: its instance dies in it. Later runs take `work`.
+    let app = app(&runs, move |_, run| async move {
+        if run == 1 {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(work).await;
+    });
+    let mut instances = start_instances(
+        3,
+        &redis,
+        |backend| backend.lease(lease),
+        || parking(&parked, Duration::from_secs(30)),
+        &app,
+    );
+    let client = HttpClient::new();
+
+    let doomed = tokio::spawn({
+        let (client, url) = (client.clone(), instances[0].url("/slow/dead"));
+        async move { client.get(&url).await }
+    });
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let followers = tokio::spawn({
+        let (client, urls) = (
+            client.clone(),
+            urls(&[&instances[1], &instances[2]], "/slow/dead", 10),
+        );
+        async move { client.get_all_ok(urls).await }
+    });
+    wait_all_in(&[&instances[1], &instances[2]], 10).await;
+    parked
+        .wait_for(2, SOON, "instances parked behind the leader")
+        .await;
+
+    let killed = Instant::now();
+    instances[0].kill();
+    let replies = followers.await.unwrap();
+    let served_in = killed.elapsed();
+
+    assert!(
+        doomed.await.unwrap().is_err(),
+        "the dead instance's caller got no response"
+    );
+    assert_all_served(&replies, "dead run 2");
+    assert_eq!(runs.get(), 2, "exactly one more run after the leader died");
+    assert_eq!(
+        takeover_outcomes(&replies),
+        (1, 1, 18),
+        "{:?}",
+        outcomes(&replies)
+    );
+    assert!(
+        served_in < lease + work + Duration::from_secs(1),
+        "followers were served {served_in:?} after the leader died (lease {lease:?}, work {work:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_finishing_between_the_followers_acquire_and_wait_wakes_it_at_once() {
+    let redis = RedisServer::start();
+    let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
+    let (in_gap, leave_gap) = (Tally::new(), Gate::new());
+    let lease = Duration::from_secs(10);
+    let app = app(&runs, gated(&gate));
+    let backend = |builder: RedisBackendBuilder| builder.lease(lease);
+    let leader = Instance::start(
+        backend(RedisBackend::builder(redis.url())),
+        parking(&parked, Duration::from_secs(30)),
+        app.clone(),
+    );
+    // The follower stops after its failed acquire, before it waits, until the test lets it go.
+    let hook = {
+        let (in_gap, leave_gap) = (in_gap.clone(), leave_gap.clone());
+        Parker::<StoredResponse>::builder().before_wait(move |_key| {
+            in_gap.add();
+            let leave_gap = leave_gap.clone();
+            Box::pin(async move { leave_gap.wait().await })
+        })
+    };
+    let follower = Instance::start(
+        backend(RedisBackend::builder(redis.url())),
+        ParkingLayer::new()
+            .parker_builder(hook)
+            .key(by_path)
+            .ttl(Duration::from_secs(30)),
+        app,
+    );
+    let client = HttpClient::new();
+
+    let led = tokio::spawn({
+        let (client, url) = (client.clone(), leader.url("/slow/race"));
+        async move { client.get(&url).await }
+    });
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let parked_reply = tokio::spawn({
+        let (client, url) = (client.clone(), follower.url("/slow/race"));
+        async move { client.get(&url).await }
+    });
+    in_gap
+        .wait_for(1, SOON, "the follower between acquire and wait")
+        .await;
+
+    // The leader stores its response and releases the lock while the follower is in the gap.
+    gate.open();
+    let led = led.await.unwrap().unwrap();
+    assert_eq!((led.outcome(), led.text().as_str()), ("miss", "race run 1"));
+    let released = Instant::now();
+    leave_gap.open();
+    let reply = parked_reply.await.unwrap().unwrap();
+    let waited = released.elapsed();
+
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        (reply.outcome(), reply.text().as_str()),
+        ("parked", "race run 1")
+    );
+    assert_eq!(runs.get(), 1);
+    assert!(
+        waited < Duration::from_millis(500),
+        "the follower waited {waited:?} for a response stored before it waited (lease {lease:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_wait_sees_a_store_or_release_that_happened_before_it() {
+    let redis = RedisServer::start();
+    let lease = Duration::from_secs(10);
+    let a = RedisBackend::builder(redis.url())
+        .lease(lease)
+        .build()
+        .await
+        .unwrap();
+    let b = RedisBackend::builder(redis.url())
+        .lease(lease)
+        .build()
+        .await
+        .unwrap();
+    let deadline = || Some(tokio::time::Instant::now() + Duration::from_secs(5));
+
+    // Stored between the follower's failed acquire and its wait.
+    let stored = Key::new("stored-in-the-gap");
+    let Acquire::Acquired(lease_a) = a.acquire(&stored, lease, Lookup::Check).await.unwrap() else {
+        panic!("the first acquire leads");
+    };
+    assert!(matches!(
+        b.acquire(&stored, lease, Lookup::Check).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    assert!(a
+        .complete(
+            &lease_a,
+            Bytes::from_static(b"value"),
+            Duration::from_secs(30)
+        )
+        .await
+        .unwrap());
+    let started = Instant::now();
+    match b.wait(&stored, Lookup::Check, deadline()).await.unwrap() {
+        Wake::Stored(bytes) => assert_eq!(bytes, Bytes::from_static(b"value")),
+        other => panic!("expected the stored value, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Released (nothing stored) in the same gap.
+    let released = Key::new("released-in-the-gap");
+    let Acquire::Acquired(lease_a) = a.acquire(&released, lease, Lookup::Check).await.unwrap()
+    else {
+        panic!("the first acquire leads");
+    };
+    assert!(matches!(
+        b.acquire(&released, lease, Lookup::Check).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    a.release(&lease_a).await.unwrap();
+    let started = Instant::now();
+    assert!(matches!(
+        b.wait(&released, Lookup::Check, deadline()).await.unwrap(),
+        Wake::Released
+    ));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_three_leases_still_runs_once() {
+    let redis = RedisServer::start();
+    let (runs, parked) = (Tally::new(), Tally::new());
+    let (lease, work) = (Duration::from_millis(300), Duration::from_millis(1200));
+    let app = app(&runs, move |_, _| tokio::time::sleep(work));
+    let instances = start_instances(
+        2,
+        &redis,
+        |backend| backend.lease(lease),
+        || parking(&parked, Duration::from_secs(30)),
+        &app,
+    );
+    let client = HttpClient::new();
+
+    let started = Instant::now();
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), instances[0].url("/slow/long"));
+        async move { client.get(&url).await }
+    });
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let rest = tokio::spawn({
+        let (client, urls) = (
+            client.clone(),
+            urls(&[&instances[0], &instances[1]], "/slow/long", 5),
+        );
+        async move { client.get_all_ok(urls).await }
+    });
+    wait_all_in(&[&instances[0]], 6).await;
+    wait_all_in(&[&instances[1]], 5).await;
+    parked.wait_for(1, SOON, "the other instance parked").await;
+    assert!(
+        started.elapsed() < work,
+        "every request is in while the leader still runs, so none of them is a hit"
+    );
+
+    let mut replies = rest.await.unwrap();
+    replies.push(first.await.unwrap().unwrap());
+    let elapsed = started.elapsed();
+    assert_all_served(&replies, "long run 1");
+    assert_eq!(
+        runs.get(),
+        1,
+        "the renewed lease kept the other instance parked"
+    );
+    assert_eq!(
+        (
+            count(&replies, "miss"),
+            count(&replies, "parked"),
+            count(&replies, "coalesced")
+        ),
+        (1, 1, 9),
+        "{:?}",
+        outcomes(&replies)
+    );
+    assert!(elapsed < work + Duration::from_secs(1), "{elapsed:?}");
+    assert_eq!(total(&instances).timeout, 0);
+    assert_eq!(
+        redis.cmd(&["EXISTS", &lock_key("/slow/long")]).integer(),
+        0,
+        "the lock was released with the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_out_leader_cannot_store_over_its_successor() {
+    let redis = RedisServer::start();
+    let short = Duration::from_millis(300);
+    let first = RedisBackend::builder(redis.url())
+        .lease(short)
+        .build()
+        .await
+        .unwrap();
+    let second = RedisBackend::builder(redis.url())
+        .lease(short)
+        .build()
+        .await
+        .unwrap();
+    let key = Key::new("fenced");
+    let ttl = Duration::from_secs(30);
+    let deadline = || Some(tokio::time::Instant::now() + Duration::from_secs(5));
+
+    let Acquire::Acquired(old) = first.acquire(&key, short, Lookup::Check).await.unwrap() else {
+        panic!("the first acquire leads");
+    };
+    // The first leader stalls past its lease; the lock expires and a second leader takes over.
+    assert!(matches!(
+        second.acquire(&key, short, Lookup::Check).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    assert!(matches!(
+        second.wait(&key, Lookup::Check, deadline()).await.unwrap(),
+        Wake::Released
+    ));
+    let Acquire::Acquired(new) = second.acquire(&key, short, Lookup::Check).await.unwrap() else {
+        panic!("the lock expired: the second acquire leads");
+    };
+    assert!(new.fence() > old.fence(), "{new:?} after {old:?}");
+
+    assert!(
+        !first.renew(&old).await.unwrap(),
+        "a lost lease cannot be renewed"
+    );
+    assert!(
+        !first
+            .complete(&old, Bytes::from_static(b"stale"), ttl)
+            .await
+            .unwrap(),
+        "the fenced-out leader's store is refused while the successor runs"
+    );
+    assert!(second
+        .complete(&new, Bytes::from_static(b"fresh"), ttl)
+        .await
+        .unwrap());
+    assert!(
+        !first
+            .complete(&old, Bytes::from_static(b"stale"), ttl)
+            .await
+            .unwrap(),
+        "the fenced-out leader's store is refused after the successor stored"
+    );
+    match first.acquire(&key, short, Lookup::Check).await.unwrap() {
+        Acquire::Fresh(bytes) => assert_eq!(bytes, Bytes::from_static(b"fresh")),
+        other => panic!("expected the successor's value, got {other:?}"),
+    }
+    assert_eq!(
+        redis
+            .cmd(&["GET", &format!("parking:{{{}}}:resp", key.digest_hex())])
+            .text(),
+        "fresh"
+    );
+
+    // A leader that overran its lease but was not replaced may still store (the trait's contract).
+    let late = Key::new("late-but-alone");
+    let Acquire::Acquired(lease) = first.acquire(&late, short, Lookup::Check).await.unwrap() else {
+        panic!("the first acquire leads");
+    };
+    assert!(matches!(
+        second.acquire(&late, short, Lookup::Check).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    assert!(matches!(
+        second.wait(&late, Lookup::Check, deadline()).await.unwrap(),
+        Wake::Released
+    ));
+    assert!(first
+        .complete(&lease, Bytes::from_static(b"late"), ttl)
+        .await
+        .unwrap());
+    assert!(
+        matches!(second.acquire(&late, short, Lookup::Check).await.unwrap(), Acquire::Fresh(bytes) if bytes == "late")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_restart() {
+    let mut redis = RedisServer::start();
+    let (runs, parked) = (Tally::new(), Tally::new());
+    let gates: [(&str, Gate); 3] = [
+        ("down", Gate::new()),
+        ("outage", Gate::new()),
+        ("after", Gate::new()),
+    ];
+    let app = app(&runs, {
+        let gates = gates.clone();
+        move |key, _| {
+            let gate = gates
+                .iter()
+                .find(|(name, _)| *name == key)
+                .map(|(_, gate)| gate.clone());
+            async move {
+                if let Some(gate) = gate {
+                    gate.wait().await;
+                }
+            }
+        }
+    });
+    let wait_timeout = Duration::from_secs(2);
+    let instances = start_instances(
+        2,
+        &redis,
+        // A lease longer than the wait timeout: a follower that missed its wake-up would time out
+        // and run the handler itself, which the counts below would show.
+        |backend| {
+            backend
+                .lease(Duration::from_secs(3))
+                .command_timeout(Duration::from_millis(300))
+        },
+        || parking(&parked, Duration::from_secs(30)).wait_timeout(wait_timeout),
+        &app,
+    );
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+    let spawn_burst = |urls: Vec<String>| {
+        let client = client.clone();
+        tokio::spawn(async move { client.get_all(urls).await })
+    };
+    let unwrap_all = |replies: Vec<Result<Reply, String>>| -> Vec<Reply> {
+        replies
+            .into_iter()
+            .map(|reply| reply.unwrap_or_else(|error| panic!("{error}")))
+            .collect()
+    };
+
+    // 1. Redis dies while a leader runs in `a` and `b` is parked behind it.
+    let at_a = spawn_burst(urls(&[a], "/slow/down", 5));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let at_b = spawn_burst(urls(&[b], "/slow/down", 5));
+    wait_all_in(&[a, b], 5).await;
+    parked.wait_for(1, SOON, "b parked").await;
+    let killed = Instant::now();
+    redis.kill();
+    gates[0].1.open();
+    let (at_a, at_b) = (
+        unwrap_all(at_a.await.unwrap()),
+        unwrap_all(at_b.await.unwrap()),
+    );
+    let answered_in = killed.elapsed();
+    assert_all_served(&at_a, "down run 1");
+    assert_eq!(count(&at_a, "miss"), 1, "{:?}", outcomes(&at_a));
+    // `b` cannot reach the leader's response without Redis: it runs the handler itself, once.
+    assert_all_served(&at_b, "down run 2");
+    assert_eq!(runs.get(), 2);
+    assert!(
+        answered_in < wait_timeout + Duration::from_secs(1),
+        "answered {answered_in:?} after Redis died (wait timeout {wait_timeout:?})"
+    );
+
+    // 2. While Redis is down, new requests are served with in-process coalescing alone: one run
+    //    per instance.
+    let outage = spawn_burst(urls(&[a, b], "/slow/outage", 5));
+    wait_all_in(&[a, b], 10).await;
+    runs.wait_for(4, SOON, "one run in each instance").await;
+    let opened = Instant::now();
+    gates[1].1.open();
+    let outage = unwrap_all(outage.await.unwrap());
+    let answered_in = opened.elapsed();
+    assert_eq!(
+        runs.get(),
+        4,
+        "one run per instance while Redis is down: {outage:?}"
+    );
+    for (instance, replies) in [(a, &outage[0..]), (b, &outage[1..])] {
+        let replies: Vec<Reply> = replies.iter().step_by(2).cloned().collect();
+        assert_eq!(count(&replies, "miss"), 1, "{:?}", outcomes(&replies));
+        assert_all_served(&replies, &replies[0].text());
+        assert!(instance.stats().backend_errors > 0);
+    }
+    assert!(
+        answered_in < Duration::from_secs(1),
+        "answered {answered_in:?} after the handler ran"
+    );
+
+    // 3. Redis comes back on the same port, empty; the instances are not restarted.
+    redis.restart();
+    // Recovered: a request on a fresh key runs through each backend without a backend error.
+    let mut probe = 0;
+    eventually(SOON, "both backends to work again", || {
+        probe += 1;
+        let client = client.clone();
+        let probes: Vec<_> = instances
+            .iter()
+            .enumerate()
+            .map(|(i, instance)| {
+                (
+                    instance.url(&format!("/slow/probe-{i}-{probe}")),
+                    instance.layer().clone(),
+                )
+            })
+            .collect();
+        async move {
+            for (url, layer) in probes {
+                let errors_before = layer.stats().backend_errors;
+                let reply = client.get(&url).await.ok()?;
+                if reply.outcome() != "miss" || layer.stats().backend_errors != errors_before {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let (runs_before, parked_before) = (runs.get(), parked.get());
+    let in_before: Vec<usize> = instances.iter().map(|i| i.waiting().get()).collect();
+    let after = spawn_burst(urls(&[a, b], "/slow/after", 5));
+    runs.wait_for(runs_before + 1, SOON, "the leader's run")
+        .await;
+    wait_all_in(&[a], in_before[0] + 5).await;
+    wait_all_in(&[b], in_before[1] + 5).await;
+    parked
+        .wait_for(parked_before + 1, SOON, "the other instance parked")
+        .await;
+    let opened = Instant::now();
+    gates[2].1.open();
+    let after = unwrap_all(after.await.unwrap());
+    let served_in = opened.elapsed();
+    let body = format!("after run {}", runs_before + 1);
+    assert_all_served(&after, &body);
+    assert_eq!(
+        runs.get(),
+        runs_before + 1,
+        "one run across both instances again"
+    );
+    assert_eq!(
+        (
+            count(&after, "miss"),
+            count(&after, "parked"),
+            count(&after, "coalesced")
+        ),
+        (1, 1, 8),
+        "{:?}",
+        outcomes(&after)
+    );
+    assert!(
+        served_in < Duration::from_secs(1),
+        "served {served_in:?} after the leader finished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_off_and_config_renamed_fail_with_an_error_naming_the_setting() {
+    let redis = RedisServer::start_with(&[
+        "--notify-keyspace-events",
+        "",
+        "--rename-command",
+        "CONFIG",
+        "",
+    ]);
+    for enable in [false, true] {
+        let error = match RedisBackend::builder(redis.url())
+            .enable_keyspace_events(enable)
+            .build()
+            .await
+        {
+            Ok(_) => panic!("built a backend on a server without keyspace notifications"),
+            Err(error) => error,
+        };
+        let message = error.to_string();
+        assert!(
+            matches!(error, RedisSetupError::ConfigNotAllowed { .. }),
+            "enable={enable}: {error:?}"
+        );
+        assert!(message.contains("notify-keyspace-events"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_renamed_with_notifications_on_connects() {
+    // Managed Redis: no CONFIG, but the provider's settings turned the notifications on.
+    let redis = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+    let backend = RedisBackend::connect(&redis.url()).await;
+    assert!(backend.is_ok(), "{:?}", backend.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_off_fail_to_connect_naming_the_value_to_set() {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", ""]);
+    let error = match RedisBackend::connect(&redis.url()).await {
+        Ok(_) => panic!("built a backend on a server without keyspace notifications"),
+        Err(error) => error,
+    };
+    let message = error.to_string();
+    match &error {
+        RedisSetupError::KeyspaceEventsDisabled { current, needed } => {
+            assert_eq!(current, "");
+            assert!(flags_cover(needed, "Kg$x"), "needed {needed:?}");
+            assert!(message.contains(needed.as_str()), "{message}");
+        }
+        other => panic!("expected KeyspaceEventsDisabled, got {other:?}"),
+    }
+    assert!(message.contains("notify-keyspace-events"), "{message}");
+    assert_eq!(
+        redis.config_get("notify-keyspace-events"),
+        "",
+        "the server was left as it was"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_keyspace_events_merges_the_flags_and_parks_across_backends() {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "El"]);
+    let lease = Duration::from_secs(10);
+    let leader = RedisBackend::builder(redis.url())
+        .lease(lease)
+        .enable_keyspace_events(true)
+        .build()
+        .await
+        .unwrap();
+    let flags = redis.config_get("notify-keyspace-events");
+    assert!(
+        flags_cover(&flags, "Kg$xEl"),
+        "needed flags added, existing kept: {flags:?}"
+    );
+
+    let follower = RedisBackend::connect(&redis.url()).await.unwrap();
+    let key = Key::new("notified");
+    let Acquire::Acquired(lease) = leader.acquire(&key, lease, Lookup::Check).await.unwrap() else {
+        panic!("the first acquire leads");
+    };
+    assert!(matches!(
+        follower
+            .acquire(&key, lease.duration(), Lookup::Check)
+            .await
+            .unwrap(),
+        Acquire::Held { .. }
+    ));
+    let waiting = tokio::spawn({
+        let (follower, key) = (follower.clone(), key.clone());
+        async move {
+            let wake = follower
+                .wait(
+                    &key,
+                    Lookup::Check,
+                    Some(tokio::time::Instant::now() + Duration::from_secs(5)),
+                )
+                .await;
+            (wake, Instant::now())
+        }
+    });
+    // Complete only once the follower is subscribed, so only a notification can wake it.
+    eventually(SOON, "the follower's keyspace subscription", || async {
+        let channels = redis.cmd(&["PUBSUB", "CHANNELS", "__keyspace@*"]);
+        let patterns = redis.cmd(&["PUBSUB", "NUMPAT"]).integer();
+        (matches!(channels, Resp::Array(Some(ref list)) if !list.is_empty()) || patterns > 0)
+            .then_some(())
+    })
+    .await;
+    assert!(leader
+        .complete(&lease, Bytes::from_static(b"done"), Duration::from_secs(30))
+        .await
+        .unwrap());
+    let completed = Instant::now();
+    let (wake, woke) = waiting.await.unwrap();
+    assert!(matches!(wake.unwrap(), Wake::Stored(bytes) if bytes == "done"));
+    let latency = woke.duration_since(completed);
+    assert!(
+        latency < Duration::from_millis(500),
+        "woke {latency:?} after the store (lease 10 s)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_leader_instance_releases_remote_followers_and_one_retries() {
+    let redis = RedisServer::start();
+    let (runs, parked) = (Tally::new(), Tally::new());
+    let (before_panic, retry) = (Gate::new(), Gate::new());
+    let lease = Duration::from_secs(5);
+    // The first run panics when let go; the retry waits at its own gate, so the test can see who
+    // runs and who parks before anyone is served.
+    let app = app(&runs, {
+        let (before_panic, retry) = (before_panic.clone(), retry.clone());
+        move |_, run| {
+            let (before_panic, retry) = (before_panic.clone(), retry.clone());
+            async move {
+                if run == 1 {
+                    before_panic.wait().await;
+                    panic!("the first run panics, on purpose");
+                }
+                retry.wait().await;
+            }
+        }
+    });
+    let instances = start_instances(
+        3,
+        &redis,
+        |backend| backend.lease(lease),
+        || parking(&parked, Duration::from_secs(30)),
+        &app,
+    );
+    let client = HttpClient::new();
+
+    let at_leader = tokio::spawn({
+        let (client, urls) = (client.clone(), urls(&[&instances[0]], "/slow/boom", 3));
+        async move { client.get_all_ok(urls).await }
+    });
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let remote = tokio::spawn({
+        let (client, urls) = (
+            client.clone(),
+            urls(&[&instances[1], &instances[2]], "/slow/boom", 5),
+        );
+        async move { client.get_all_ok(urls).await }
+    });
+    wait_all_in(&[&instances[0]], 3).await;
+    wait_all_in(&[&instances[1], &instances[2]], 5).await;
+    parked
+        .wait_for(2, SOON, "instances parked behind the leader")
+        .await;
+
+    let panicked = Instant::now();
+    before_panic.open();
+    for reply in at_leader.await.unwrap() {
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    }
+    // Released at once: one remote instance retries (the other waits on, for the retry's lock).
+    runs.wait_for(2, SOON, "the retry").await;
+    let released_in = panicked.elapsed();
+    assert!(
+        released_in < Duration::from_secs(1),
+        "remote followers released {released_in:?} after the panic (lease {lease:?})"
+    );
+    retry.open();
+    let remote = remote.await.unwrap();
+
+    assert_all_served(&remote, "boom run 2");
+    assert_eq!(runs.get(), 2, "one retry among the remote followers");
+    assert_eq!(
+        takeover_outcomes(&remote),
+        (1, 1, 8),
+        "{:?}",
+        outcomes(&remote)
+    );
+    let stats = total(&instances);
+    assert_eq!((stats.executions, stats.failures), (2, 1), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
+    let redis = RedisServer::start();
+    let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
+    let key = resp_key("/slow/corrupt");
+    assert_eq!(
+        redis.cmd(&["SET", &key, "not a stored response", "PX", "30000"]),
+        Resp::Simple("OK".into())
+    );
+    let app = app(&runs, gated(&gate));
+    let instances = start_instances(
+        2,
+        &redis,
+        |backend| backend.lease(Duration::from_secs(5)),
+        || parking(&parked, Duration::from_secs(30)),
+        &app,
+    );
+    let all: Vec<&Instance> = instances.iter().collect();
+    let client = HttpClient::new();
+
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), instances[0].url("/slow/corrupt"));
+        async move { client.get(&url).await }
+    });
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let rest = tokio::spawn({
+        let (client, urls) = (client.clone(), urls(&all, "/slow/corrupt", 4));
+        async move { client.get_all_ok(urls).await }
+    });
+    wait_all_in(&[&instances[0]], 5).await;
+    wait_all_in(&[&instances[1]], 4).await;
+    parked.wait_for(1, SOON, "the other instance parked").await;
+    // A parked follower waits for the leader's store, it does not poll Redis meanwhile. Proving
+    // that something does not happen takes a window of time.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let parks = parked.get();
+    assert_eq!(
+        parks, 1,
+        "the follower re-checked Redis {parks} times in 200 ms while the leader ran"
+    );
+    gate.open();
+    let mut replies = rest.await.unwrap();
+    replies.push(first.await.unwrap().unwrap());
+
+    assert_all_served(&replies, "corrupt run 1");
+    assert_eq!(
+        runs.get(),
+        1,
+        "the corrupt value is a miss: one run, shared"
+    );
+    let stored = redis.cmd(&["GET", &key]);
+    assert!(
+        stored
+            .bytes()
+            .is_some_and(|bytes| bytes.starts_with(b"TPR1")),
+        "the corrupt value was overwritten: {stored:?}"
+    );
+    let later = client.get_all_ok(urls(&all, "/slow/corrupt", 3)).await;
+    assert_all_served(&later, "corrupt run 1");
+    assert_eq!(
+        count(&later, "hit") + count(&later, "coalesced"),
+        6,
+        "{:?}",
+        outcomes(&later)
+    );
+    assert!(count(&later, "hit") >= 2, "{:?}", outcomes(&later));
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_server_processes_run_the_handler_once() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // Starting a process blocks (it builds the example once, then reads its first line).
+    let servers = tokio::task::spawn_blocking(move || {
+        let args = [
+            "--redis",
+            &url,
+            "--work-ms",
+            "1000",
+            "--ttl-ms",
+            "10000",
+            "--lease-ms",
+            "2000",
+        ];
+        (0..3)
+            .map(|_| ServerProcess::start(&args))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let client = HttpClient::new();
+
+    let urls: Vec<String> = (0..10)
+        .flat_map(|_| servers.iter().map(|server| server.url("/slow/shared")))
+        .collect();
+    let replies = client.get_all_ok(urls).await;
+
+    let first: serde_json::Value = serde_json::from_slice(&replies[0].body)
+        .unwrap_or_else(|e| panic!("not JSON: {e}: {:?}", replies[0]));
+    assert_eq!(first["key"], "shared", "{first}");
+    let pids: Vec<u64> = servers
+        .iter()
+        .map(|server| u64::from(server.pid()))
+        .collect();
+    assert!(
+        pids.contains(&first["pid"].as_u64().unwrap_or(0)),
+        "{first} from {pids:?}"
+    );
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(
+            reply.body, replies[0].body,
+            "every caller got the one run's response"
+        );
+    }
+    assert_eq!(count(&replies, "miss"), 1, "{:?}", outcomes(&replies));
+    assert!(count(&replies, "parked") >= 1, "{:?}", outcomes(&replies));
+
+    let mut executions = 0;
+    for server in &servers {
+        let stats = client.get(&server.url("/stats")).await.unwrap();
+        let stats: serde_json::Value = serde_json::from_slice(&stats.body).unwrap();
+        executions += stats["executions"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no executions in {stats}"));
+    }
+    assert_eq!(executions, 1, "one execution across 3 processes");
+    drop(servers);
+}
+
+#[test]
+fn the_test_redis_server_stops_kills_and_restarts_on_the_same_port() {
+    let mut redis = RedisServer::start();
+    let port = redis.port();
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
+    assert_eq!(redis.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
+    redis.stop();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "stopped"
+    );
+    redis.restart();
+    assert_eq!(redis.port(), port);
+    assert_eq!(
+        redis.cmd(&["GET", "k"]),
+        Resp::Bulk(None),
+        "nothing is persisted"
+    );
+    redis.kill();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "killed"
+    );
+    redis.restart();
+    assert_eq!(redis.cmd(&["PING"]), Resp::Simple("PONG".into()));
+}

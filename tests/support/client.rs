@@ -1,0 +1,123 @@
+//! An HTTP/1 client for the tests: status, `x-parking` header, body, and how long it took.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
+
+/// No request in these tests may take longer: past it, the request counts as hung.
+const HANG: Duration = Duration::from_secs(20);
+
+/// What one request got.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The response status.
+    pub status: StatusCode,
+    /// The `x-parking` header: `miss`, `hit`, `coalesced`, `parked`, `bypass` or `timeout`.
+    pub parking: Option<String>,
+    /// The whole body.
+    pub body: Bytes,
+    /// From sending the request to the end of the body.
+    pub elapsed: Duration,
+}
+
+impl Reply {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `x-parking` header, or `""` when absent.
+    pub fn outcome(&self) -> &str {
+        self.parking.as_deref().unwrap_or("")
+    }
+}
+
+/// A pooled HTTP/1 client.
+#[derive(Clone, Debug)]
+pub struct HttpClient(Client<HttpConnector, Empty<Bytes>>);
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    /// A new client with its own connection pool.
+    pub fn new() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    /// `GET url`. `Err` says why there was no complete response (connection refused or reset,
+    /// or no answer within 20 s: a hang).
+    pub async fn get(&self, url: &str) -> Result<Reply, String> {
+        let started = Instant::now();
+        let request = async {
+            let uri: http::Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
+            let response = self
+                .0
+                .get(uri)
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            let status = response.status();
+            let parking = response
+                .headers()
+                .get("x-parking")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("GET {url}: body: {e}"))?
+                .to_bytes();
+            Ok(Reply {
+                status,
+                parking,
+                body,
+                elapsed: started.elapsed(),
+            })
+        };
+        tokio::time::timeout(HANG, request)
+            .await
+            .unwrap_or_else(|_| Err(format!("GET {url}: no answer within {HANG:?} (hung)")))
+    }
+
+    /// Sends every request at once, each on its own task, and returns the results in order.
+    pub async fn get_all(
+        &self,
+        urls: impl IntoIterator<Item = String>,
+    ) -> Vec<Result<Reply, String>> {
+        let tasks: Vec<_> = urls
+            .into_iter()
+            .map(|url| {
+                let client = self.clone();
+                tokio::spawn(async move { client.get(&url).await })
+            })
+            .collect();
+        let mut replies = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            replies.push(
+                task.await
+                    .unwrap_or_else(|e| Err(format!("request task failed: {e}"))),
+            );
+        }
+        replies
+    }
+
+    /// Like [`get_all`](Self::get_all), for requests that must all succeed: panics on the first
+    /// that got no response.
+    pub async fn get_all_ok(&self, urls: impl IntoIterator<Item = String>) -> Vec<Reply> {
+        self.get_all(urls)
+            .await
+            .into_iter()
+            .map(|reply| reply.unwrap_or_else(|error| panic!("{error}")))
+            .collect()
+    }
+}
