@@ -21,8 +21,8 @@ use tower_service::Service;
 use crate::{
     body::{collect_limited, BoxError, Collected},
     parker::Completion,
-    Backend, Key, KeyFn, Outcome, ParkError, Parker, ParkerBuilder, PerUser, Stats, StoredResponse,
-    WaitTimeoutPolicy,
+    Backend, Key, KeyFn, Outcome, ParkError, Parker, ParkerBuilder, ParkingBody, PerUser, Stats,
+    StoredResponse, WaitTimeoutPolicy,
 };
 
 /// The default name of the outcome header.
@@ -261,7 +261,7 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<crate::ParkingBody<ResBody>>;
+    type Response = Response<ParkingBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
@@ -308,7 +308,7 @@ where
 
 /// What the work hands straight to its own caller: a response nobody else may have, or the
 /// inner service's error.
-type OwnDelivery<ResBody, E> = Result<Response<crate::ParkingBody<ResBody>>, E>;
+type OwnDelivery<ResBody, E> = Result<Response<ParkingBody<ResBody>>, E>;
 
 async fn park<S, ReqBody, ResBody>(
     parker: Parker<StoredResponse>,
@@ -316,7 +316,7 @@ async fn park<S, ReqBody, ResBody>(
     key: Key,
     mut inner: S,
     request: Request<ReqBody>,
-) -> Result<Response<crate::ParkingBody<ResBody>>, S::Error>
+) -> Result<Response<ParkingBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -348,7 +348,7 @@ where
             Collected::Complete { data, trailers } => (data, trailers),
         };
         if trailers.is_some() || StoredResponse::is_private(&parts.headers) {
-            let body = crate::ParkingBody::with_trailers(data, trailers);
+            let body = ParkingBody::with_trailers(data, trailers);
             let _ = deliver.send(Ok(Response::from_parts(parts, body)));
             return Ok(Completion::Private);
         }
@@ -365,7 +365,7 @@ where
     let mut response = match (result, delivered.try_recv()) {
         (_, Ok(own)) => own?,
         (Ok(Some(stored)), _) => {
-            let mut response = Response::new(crate::ParkingBody::full(stored.body));
+            let mut response = Response::new(ParkingBody::full(stored.body));
             *response.status_mut() = stored.status;
             *response.headers_mut() = stored.headers;
             response
@@ -382,7 +382,7 @@ where
 }
 
 /// The response a caller gets when its flight produced no response to hand out.
-fn error_response<B>(error: &ParkError) -> Response<crate::ParkingBody<B>> {
+fn error_response<B>(error: &ParkError) -> Response<ParkingBody<B>> {
     let (status, message) = match error {
         ParkError::WaitTimeout(_) => (
             StatusCode::GATEWAY_TIMEOUT,
@@ -395,9 +395,7 @@ fn error_response<B>(error: &ParkError) -> Response<crate::ParkingBody<B>> {
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "the handler failed"),
     };
     tracing::debug!(%error, %status, "parked request failed");
-    let mut response = Response::new(crate::ParkingBody::full(Bytes::from_static(
-        message.as_bytes(),
-    )));
+    let mut response = Response::new(ParkingBody::full(Bytes::from_static(message.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -418,7 +416,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Bypass { #[pin] future: F, header: Option<HeaderName> },
-        Parked { future: BoxFuture<'static, Result<Response<crate::ParkingBody<B>>, E>> },
+        Parked { future: BoxFuture<'static, Result<Response<ParkingBody<B>>, E>> },
     }
 }
 
@@ -426,13 +424,13 @@ impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<crate::ParkingBody<B>>, E>;
+    type Output = Result<Response<ParkingBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Bypass { future, header } => {
                 let response = std::task::ready!(future.poll(cx))?;
-                let mut response = response.map(crate::ParkingBody::inner);
+                let mut response = response.map(ParkingBody::inner);
                 if let Some(header) = header {
                     response.headers_mut().insert(
                         header.clone(),
