@@ -5,17 +5,9 @@
 //! [`Gate`] that opens once every request has joined its flight, so the counts asserted do not
 //! depend on scheduling.
 
-mod common;
+mod support;
 
-use std::{
-    convert::Infallible,
-    io,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{convert::Infallible, io, time::Duration};
 
 use axum::{
     body::Body,
@@ -24,74 +16,56 @@ use axum::{
         request::Parts,
         HeaderMap, HeaderName, Method, Request, Response, StatusCode,
     },
+    response::IntoResponse,
     routing::{get, MethodRouter},
     Router,
 };
 use bytes::Bytes;
-use common::{burst, within, Gate, Tally, DELIBERATE};
 use http_body_util::{BodyExt, Empty, Full};
+use support::{
+    burst, counting_waits, join_spawned, quiet_deliberate_panics, spawn_joined, within, Gate,
+    Tally, Work, DELIBERATE, HANG,
+};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tower_parking::{
     ByHeader, Key, KeyFn, MemoryBackend, Parker, ParkingLayer, PerUser, SharedAcrossUsers, Stats,
-    StoredResponse, WaitTimeoutPolicy,
+    WaitTimeoutPolicy,
 };
 
 const X_RUN: HeaderName = HeaderName::from_static("x-run");
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// A handler's shared state: how many times it ran, when it started, the gate it waits at.
-#[derive(Clone)]
-struct Handler {
-    runs: Arc<AtomicUsize>,
-    started: Arc<Tally>,
-    gate: Gate,
+/// A route (`GET` and `POST`) whose response echoes the caller's `Authorization` (so a response
+/// handed to the wrong user shows) and says which run of `handler` produced it in `x-run`.
+fn echo(handler: &Work) -> MethodRouter {
+    let handler = handler.clone();
+    let echo = move |headers: HeaderMap| {
+        let handler = handler.clone();
+        async move {
+            let run = handler.enter().await;
+            let who = headers
+                .get(AUTHORIZATION)
+                .map_or("anonymous", |value| value.to_str().unwrap())
+                .to_owned();
+            ([(X_RUN, run.to_string())], format!("report for {who}"))
+        }
+    };
+    get(echo.clone()).post(echo)
 }
 
-impl Handler {
-    fn held() -> Self {
-        Self {
-            runs: Arc::default(),
-            started: Tally::new(),
-            gate: Gate::closed(),
-        }
-    }
-
-    fn free() -> Self {
-        let handler = Self::held();
-        handler.gate.open();
-        handler
-    }
-
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-
-    /// Counts a run, says it started, waits at the gate; returns the run's number.
-    async fn enter(&self) -> usize {
-        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
-        self.started.bump();
-        self.gate.pass().await;
-        run
-    }
-
-    /// A route (`GET` and `POST`) whose response echoes the caller's `Authorization` (so a
-    /// response handed to the wrong user shows) and says which run produced it in `x-run`.
-    fn echo(&self) -> MethodRouter {
-        let handler = self.clone();
-        let echo = move |headers: HeaderMap| {
-            let handler = handler.clone();
-            async move {
-                let run = handler.enter().await;
-                let who = headers
-                    .get(AUTHORIZATION)
-                    .map_or("anonymous", |value| value.to_str().unwrap())
-                    .to_owned();
-                ([(X_RUN, run.to_string())], format!("report for {who}"))
-            }
-        };
-        get(echo.clone()).post(echo)
-    }
+/// A `GET` route that enters `handler` (counts the run, waits at the gate) and answers
+/// `respond(run)`.
+fn entering<F, R>(handler: &Work, respond: F) -> MethodRouter
+where
+    F: Fn(usize) -> R + Clone + Send + Sync + 'static,
+    R: IntoResponse,
+{
+    let handler = handler.clone();
+    get(move || {
+        let (handler, respond) = (handler.clone(), respond.clone());
+        async move { respond(handler.enter().await) }
+    })
 }
 
 fn app(route: MethodRouter, layer: &ParkingLayer) -> Router {
@@ -186,11 +160,25 @@ fn miss_then_coalesced(n: usize) -> Vec<Option<&'static str>> {
     expected
 }
 
+/// The runs that produced `got`, sorted: which caller got which run is up to the scheduler.
+fn sorted_runs(got: &[Got]) -> Vec<usize> {
+    let mut runs: Vec<_> = got.iter().map(Got::run).collect();
+    runs.sort();
+    runs
+}
+
+/// Asserts `layer`'s counters, and that no flight was left behind.
+#[track_caller]
+fn assert_settled(layer: &ParkingLayer, stats: Stats) {
+    assert_eq!(layer.stats(), stats);
+    assert_eq!(layer.parker().in_flight(), 0);
+}
+
 #[tokio::test]
 async fn the_default_key_never_shares_a_response_between_users() {
     let layer = ParkingLayer::new().ttl(MINUTE);
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
 
     let users = [
         Some("alice"),
@@ -237,24 +225,23 @@ async fn the_default_key_never_shares_a_response_between_users() {
     assert_eq!(again.view(), (200, Some("hit"), "report for Bearer alice"));
     assert_eq!(again.run(), run_of(0));
     assert_eq!(handler.runs(), 3);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 3,
             coalesced: 4,
             hit: 1,
             executions: 3,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test]
 async fn post_bypasses_and_runs_every_time() {
     let layer = ParkingLayer::new().ttl(MINUTE);
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
 
     // Held at the gate together, yet each runs the handler: nothing coalesces a POST.
     let got = burst(
@@ -262,41 +249,31 @@ async fn post_bypasses_and_runs_every_time() {
         &handler.gate,
     )
     .await;
-    let mut runs: Vec<_> = got.iter().map(Got::run).collect();
-    runs.sort();
-    assert_eq!(runs, [1, 2, 3]);
+    assert_eq!(sorted_runs(&got), [1, 2, 3]);
     for got in &got {
         assert_eq!(got.view(), (200, Some("bypass"), "report for Bearer alice"));
     }
     assert_eq!(handler.runs(), 3);
     // A bypassed request is not a run of parked work: `executions` counts only those.
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             bypass: 3,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_panic_reaches_every_waiter_at_once_and_is_not_stored() {
-    common::quiet_deliberate_panics();
+    quiet_deliberate_panics();
     let layer = ParkingLayer::new().ttl(MINUTE);
-    let handler = Handler::held();
-    let route = get({
-        let handler = handler.clone();
-        move || {
-            let handler = handler.clone();
-            async move {
-                let run = handler.enter().await;
-                if run == 1 {
-                    panic!("{DELIBERATE} in the handler");
-                }
-                format!("fine in run {run}")
-            }
+    let handler = Work::held();
+    let route = entering(&handler, |run| {
+        if run == 1 {
+            panic!("{DELIBERATE} in the handler");
         }
+        format!("fine in run {run}")
     });
     let app = app(route, &layer);
 
@@ -315,23 +292,22 @@ async fn a_handler_panic_reaches_every_waiter_at_once_and_is_not_stored() {
     let next = send(app.clone(), anonymous_get()).await;
     assert_eq!(next.view(), (200, Some("miss"), "fine in run 2"));
     assert_eq!(handler.runs(), 2);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 2,
             coalesced: 3,
             executions: 2,
             failures: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test]
 async fn an_inner_service_error_reaches_its_caller_and_the_others_get_500() {
     let layer = ParkingLayer::new().ttl(MINUTE);
-    let handler = Handler::held();
+    let handler = Work::held();
     let service = tower::service_fn({
         let handler = handler.clone();
         move |_request: Request<()>| {
@@ -373,31 +349,25 @@ async fn an_inner_service_error_reaches_its_caller_and_the_others_get_500() {
     let next = Got::read(within(call()).await.expect("a response")).await;
     assert_eq!(next.view(), (200, Some("miss"), "fine in run 2"));
     assert_eq!(handler.runs(), 2);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 2,
             coalesced: 3,
             executions: 2,
             failures: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
-fn status_route(handler: &Handler, status: StatusCode) -> MethodRouter {
-    let handler = handler.clone();
-    get(move || {
-        let handler = handler.clone();
-        async move {
-            let run = handler.enter().await;
-            (
-                status,
-                [(X_RUN, run.to_string())],
-                format!("{status} from run {run}"),
-            )
-        }
+fn status_route(handler: &Work, status: StatusCode) -> MethodRouter {
+    entering(handler, move |run| {
+        (
+            status,
+            [(X_RUN, run.to_string())],
+            format!("{status} from run {run}"),
+        )
     })
 }
 
@@ -405,7 +375,7 @@ fn status_route(handler: &Handler, status: StatusCode) -> MethodRouter {
 async fn a_status_that_is_not_storable_is_shared_with_waiters_but_not_kept() {
     for status in [StatusCode::NOT_FOUND, StatusCode::INTERNAL_SERVER_ERROR] {
         let layer = ParkingLayer::new().ttl(MINUTE);
-        let handler = Handler::held();
+        let handler = Work::held();
         let app = app(status_route(&handler, status), &layer);
 
         let got = get_burst(&app, 3, &handler.gate).await;
@@ -424,16 +394,15 @@ async fn a_status_that_is_not_storable_is_shared_with_waiters_but_not_kept() {
             (status, Some("miss"), &*format!("{status} from run 2"))
         );
         assert_eq!(handler.runs(), 2);
-        assert_eq!(
-            layer.stats(),
+        assert_settled(
+            &layer,
             Stats {
                 miss: 2,
                 coalesced: 2,
                 executions: 2,
                 ..Stats::default()
-            }
+            },
         );
-        assert_eq!(layer.parker().in_flight(), 0);
     }
 }
 
@@ -442,7 +411,7 @@ async fn storable_statuses_decide_what_is_kept() {
     let layer = ParkingLayer::new()
         .ttl(MINUTE)
         .storable_statuses([StatusCode::OK, StatusCode::NOT_FOUND]);
-    let handler = Handler::free();
+    let handler = Work::free();
     let app = app(status_route(&handler, StatusCode::NOT_FOUND), &layer);
 
     let first = send(app.clone(), anonymous_get()).await;
@@ -456,16 +425,15 @@ async fn storable_statuses_decide_what_is_kept() {
         (404, Some("hit"), "404 Not Found from run 1")
     );
     assert_eq!(handler.runs(), 1);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 1,
             hit: 1,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 /// The body run `run` streams: five 700-byte chunks, each saying which run and chunk it is.
@@ -482,28 +450,14 @@ fn big_body(run: usize) -> Vec<Bytes> {
 #[tokio::test]
 async fn a_body_over_the_limit_streams_whole_to_every_caller_and_is_not_kept() {
     let layer = ParkingLayer::new().ttl(MINUTE).body_limit(1000);
-    let handler = Handler::held();
-    let streamed = get({
-        let handler = handler.clone();
-        move || {
-            let handler = handler.clone();
-            async move {
-                let run = handler.enter().await;
-                let chunks = big_body(run).into_iter().map(Ok::<_, Infallible>);
-                let body = Body::from_stream(futures_util::stream::iter(chunks));
-                ([(X_RUN, run.to_string())], body)
-            }
-        }
+    let handler = Work::held();
+    let streamed = entering(&handler, |run| {
+        let chunks = big_body(run).into_iter().map(Ok::<_, Infallible>);
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        ([(X_RUN, run.to_string())], body)
     });
-    let announced = get({
-        let handler = handler.clone();
-        move || {
-            let handler = handler.clone();
-            async move {
-                let run = handler.enter().await;
-                ([(X_RUN, run.to_string())], vec![b'0' + run as u8; 5000])
-            }
-        }
+    let announced = entering(&handler, |run| {
+        ([(X_RUN, run.to_string())], vec![b'0' + run as u8; 5000])
     });
     let app = Router::new()
         .route("/report", streamed)
@@ -512,14 +466,11 @@ async fn a_body_over_the_limit_streams_whole_to_every_caller_and_is_not_kept() {
 
     // Each waiter finds nothing it may share, so it runs the handler itself.
     let got = get_burst(&app, 3, &handler.gate).await;
-    let mut runs = Vec::new();
     for got in &got {
         assert_eq!((got.status.as_u16(), got.parking()), (200, Some("miss")));
         assert_eq!(got.body, big_body(got.run()).concat(), "run {}", got.run());
-        runs.push(got.run());
     }
-    runs.sort();
-    assert_eq!(runs, [1, 2, 3]);
+    assert_eq!(sorted_runs(&got), [1, 2, 3]);
 
     let next = send(app.clone(), anonymous_get()).await;
     assert_eq!((next.parking(), next.run()), (Some("miss"), 4));
@@ -533,15 +484,14 @@ async fn a_body_over_the_limit_streams_whole_to_every_caller_and_is_not_kept() {
         assert_eq!(got.body, vec![b'0' + run as u8; 5000]);
     }
     assert_eq!(handler.runs(), 6);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 6,
             executions: 6,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 /// The value of the header that makes run `run`'s response private.
@@ -556,26 +506,19 @@ async fn a_private_response_is_never_handed_to_another_caller() {
     ];
     for (name, value) in markers {
         let layer = ParkingLayer::new().ttl(MINUTE);
-        let handler = Handler::held();
-        let route = get({
-            let handler = handler.clone();
+        let handler = Work::held();
+        let route = entering(&handler, {
             let name = name.clone();
-            move || {
-                let handler = handler.clone();
-                let name = name.clone();
-                async move {
-                    let run = handler.enter().await;
-                    (
-                        [(name, value(run)), (X_RUN, run.to_string())],
-                        format!("private to run {run}"),
-                    )
-                }
+            move |run| {
+                (
+                    [(name.clone(), value(run)), (X_RUN, run.to_string())],
+                    format!("private to run {run}"),
+                )
             }
         });
         let app = app(route, &layer);
 
         let got = get_burst(&app, 3, &handler.gate).await;
-        let mut runs = Vec::new();
         for got in &got {
             let run = got.run();
             assert_eq!(
@@ -583,11 +526,9 @@ async fn a_private_response_is_never_handed_to_another_caller() {
                 (200, Some("miss"), &*format!("private to run {run}"))
             );
             assert_eq!(got.header(name.as_str()), Some(&*value(run)), "{name}");
-            runs.push(run);
         }
-        runs.sort();
         assert_eq!(
-            runs,
+            sorted_runs(&got),
             [1, 2, 3],
             "{name}: each caller ran the handler itself"
         );
@@ -595,44 +536,32 @@ async fn a_private_response_is_never_handed_to_another_caller() {
         let next = send(app.clone(), anonymous_get()).await;
         assert_eq!(next.view(), (200, Some("miss"), "private to run 4"));
         assert_eq!(handler.runs(), 4);
-        assert_eq!(
-            layer.stats(),
+        assert_settled(
+            &layer,
             Stats {
                 miss: 4,
                 executions: 4,
                 ..Stats::default()
-            }
+            },
         );
-        assert_eq!(layer.parker().in_flight(), 0);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_s_client_disconnecting_does_not_stop_the_handler() {
     let layer = ParkingLayer::new().ttl(MINUTE);
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
 
     let leader = tokio::spawn(send(app.clone(), anonymous_get()));
-    handler.started.reached(1).await;
-    let joined = Tally::new();
-    let followers: Vec<_> = (0..3)
-        .map(|_| {
-            tokio::spawn(common::tracked(
-                send(app.clone(), anonymous_get()),
-                Arc::clone(&joined),
-            ))
-        })
-        .collect();
-    joined.reached(3).await;
+    handler.wait_started(1).await;
+    let followers = spawn_joined((0..3).map(|_| send(app.clone(), anonymous_get()))).await;
 
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
     handler.gate.open();
 
-    let got = within(futures_util::future::join_all(followers)).await;
-    for got in got {
-        let got = got.unwrap();
+    for got in join_spawned(followers).await {
         assert_eq!(got.view(), (200, Some("coalesced"), "report for anonymous"));
         assert_eq!(got.run(), 1);
     }
@@ -640,24 +569,23 @@ async fn the_leader_s_client_disconnecting_does_not_stop_the_handler() {
     assert_eq!(stored.view(), (200, Some("hit"), "report for anonymous"));
     assert_eq!(handler.runs(), 1);
     // The disconnected leader got no response, so no outcome is counted for it.
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             coalesced: 3,
             hit: 1,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_burst_inside_the_window_runs_nothing_and_after_it_runs_once() {
     let ttl = Duration::from_secs(10);
     let layer = ParkingLayer::new().ttl(ttl);
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
 
     let first = get_burst(&app, 4, &handler.gate).await;
     assert_eq!(parking_values(&first), miss_then_coalesced(4));
@@ -683,23 +611,22 @@ async fn a_burst_inside_the_window_runs_nothing_and_after_it_runs_once() {
             (200, "report for anonymous")
         );
     }
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 2,
             coalesced: 6,
             hit: 4,
             executions: 2,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 /// Coalesced, hit and bypass requests through `layer`: what each got.
 async fn one_of_each(layer: &ParkingLayer) -> Vec<Got> {
-    let handler = Handler::held();
-    let app = app(handler.echo(), layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), layer);
     let mut got = get_burst(&app, 2, &handler.gate).await;
     got.push(send(app.clone(), anonymous_get()).await);
     got.push(send(app.clone(), request(Method::POST, None)).await);
@@ -712,8 +639,8 @@ async fn one_of_each(layer: &ParkingLayer) -> Vec<Got> {
             (200, "report for anonymous")
         );
     }
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        layer,
         Stats {
             miss: 1,
             coalesced: 1,
@@ -721,9 +648,8 @@ async fn one_of_each(layer: &ParkingLayer) -> Vec<Got> {
             bypass: 1,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
     got
 }
 
@@ -742,21 +668,21 @@ async fn the_header_says_how_each_request_was_served_unless_turned_off() {
 /// A leader held at the gate, then a second request that gives up waiting for it after 100 ms.
 async fn a_request_past_the_wait_timeout(
     policy: WaitTimeoutPolicy,
-) -> (ParkingLayer, Router, Handler, Got) {
+) -> (ParkingLayer, Router, Work, Got) {
     let layer = ParkingLayer::new()
         .ttl(MINUTE)
         .wait_timeout(Duration::from_millis(100))
         .on_wait_timeout(policy);
-    let handler = Handler::held();
+    let handler = Work::held();
+    // Only the leader's run waits at the gate: the follower's runs through once it gives up.
     let route = get({
         let handler = handler.clone();
         move || {
             let handler = handler.clone();
             async move {
-                let run = handler.runs.fetch_add(1, Ordering::SeqCst) + 1;
-                handler.started.bump();
+                let run = handler.count_run();
                 if run == 1 {
-                    handler.gate.pass().await;
+                    handler.gate.wait().await;
                 }
                 ([(X_RUN, run.to_string())], format!("from run {run}"))
             }
@@ -765,7 +691,7 @@ async fn a_request_past_the_wait_timeout(
     let app = app(route, &layer);
 
     let leader = tokio::spawn(send(app.clone(), anonymous_get()));
-    handler.started.reached(1).await;
+    handler.wait_started(1).await;
     let start = Instant::now();
     let follower = send(app.clone(), anonymous_get()).await;
     let waited = start.elapsed();
@@ -793,17 +719,16 @@ async fn past_the_wait_timeout_a_request_runs_the_handler_itself_and_stores_noth
         "the leader's response is kept"
     );
     assert_eq!(handler.runs(), 2);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 1,
             timeout: 1,
             hit: 1,
             executions: 2,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -819,16 +744,15 @@ async fn past_the_wait_timeout_a_request_gets_504_when_told_to() {
         )
     );
     assert_eq!(handler.runs(), 1);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 1,
             timeout: 1,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test]
@@ -849,24 +773,23 @@ async fn a_stored_entry_that_does_not_decode_is_a_miss_and_is_overwritten() {
         .ttl(MINUTE)
         .backend(backend)
         .key(|_: &Parts| Some(Key::new("report")));
-    let handler = Handler::free();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::free();
+    let app = app(echo(&handler), &layer);
 
     let first = send(app.clone(), anonymous_get()).await;
     assert_eq!(first.view(), (200, Some("miss"), "report for anonymous"));
     let second = send(app.clone(), anonymous_get()).await;
     assert_eq!(second.view(), (200, Some("hit"), "report for anonymous"));
     assert_eq!(handler.runs(), 1);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 1,
             hit: 1,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -874,26 +797,16 @@ async fn two_layers_on_one_backend_park_each_other() {
     let backend = MemoryBackend::new();
     let waiting = Tally::new();
     let first = ParkingLayer::new().ttl(MINUTE).backend(backend.clone());
-    let second = ParkingLayer::new().parker_builder(
-        Parker::<StoredResponse>::builder()
-            .backend(backend)
-            .ttl(MINUTE)
-            .before_wait({
-                let waiting = Arc::clone(&waiting);
-                move |_key| {
-                    waiting.bump();
-                    Box::pin(async {})
-                }
-            }),
-    );
-    let handler = Handler::held();
-    let first_app = app(handler.echo(), &first);
-    let second_app = app(handler.echo(), &second);
+    let second =
+        ParkingLayer::new().parker_builder(counting_waits(&waiting).backend(backend).ttl(MINUTE));
+    let handler = Work::held();
+    let first_app = app(echo(&handler), &first);
+    let second_app = app(echo(&handler), &second);
 
     let leader = tokio::spawn(send(first_app, anonymous_get()));
-    handler.started.reached(1).await;
+    handler.wait_started(1).await;
     let parked = tokio::spawn(send(second_app.clone(), anonymous_get()));
-    waiting.reached(1).await;
+    waiting.wait_for(1, HANG, "requests parked").await;
     handler.gate.open();
 
     assert_eq!(
@@ -907,33 +820,29 @@ async fn two_layers_on_one_backend_park_each_other() {
     let hit = send(second_app, anonymous_get()).await;
     assert_eq!(hit.view(), (200, Some("hit"), "report for anonymous"));
     assert_eq!(handler.runs(), 1);
-    assert_eq!(
-        first.stats(),
+    assert_settled(
+        &first,
         Stats {
             miss: 1,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(
-        second.stats(),
+    assert_settled(
+        &second,
         Stats {
             parked: 1,
             hit: 1,
             ..Stats::default()
-        }
-    );
-    assert_eq!(
-        (first.parker().in_flight(), second.parker().in_flight()),
-        (0, 0)
+        },
     );
 }
 
 #[tokio::test]
 async fn shared_across_users_serves_one_response_to_every_user() {
     let layer = ParkingLayer::new().ttl(MINUTE).key(SharedAcrossUsers);
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
 
     let got = burst(
         ["alice", "bob", "carol"].map(|user| send(app.clone(), get_as(user))),
@@ -946,16 +855,15 @@ async fn shared_across_users_serves_one_response_to_every_user() {
         .iter()
         .all(|got| got.text() == "report for Bearer alice"));
     assert_eq!(handler.runs(), 1);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 1,
             coalesced: 2,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test]
@@ -963,8 +871,8 @@ async fn by_header_shares_within_a_tenant_only() {
     let layer = ParkingLayer::new()
         .ttl(MINUTE)
         .key(ByHeader::new(HeaderName::from_static("x-tenant")));
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
     let as_tenant = |tenant: &str, user: &str| {
         let mut request = get_as(user);
         request
@@ -993,16 +901,15 @@ async fn by_header_shares_within_a_tenant_only() {
         (200, Some("coalesced"), "report for Bearer alice")
     );
     assert_eq!(handler.runs(), 2);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 2,
             coalesced: 1,
             executions: 2,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test]
@@ -1010,8 +917,8 @@ async fn a_key_closure_returning_none_bypasses() {
     let layer = ParkingLayer::new().ttl(MINUTE).key(|parts: &Parts| {
         (!parts.headers.contains_key("x-fresh")).then(|| Key::new(parts.uri.path()))
     });
-    let handler = Handler::free();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::free();
+    let app = app(echo(&handler), &layer);
     let fresh = || {
         let mut request = anonymous_get();
         request
@@ -1034,17 +941,16 @@ async fn a_key_closure_returning_none_bypasses() {
         ]
     );
     assert_eq!(handler.runs(), 3);
-    assert_eq!(
-        layer.stats(),
+    assert_settled(
+        &layer,
         Stats {
             miss: 1,
             hit: 1,
             bypass: 2,
             executions: 1,
             ..Stats::default()
-        }
+        },
     );
-    assert_eq!(layer.parker().in_flight(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1052,14 +958,14 @@ async fn over_a_real_socket_users_are_isolated_and_share_their_own_run() {
     // The default key, counted: a request has reached the layer once its key is taken.
     let keyed = Tally::new();
     let layer = ParkingLayer::new().ttl(MINUTE).key({
-        let keyed = Arc::clone(&keyed);
+        let keyed = keyed.clone();
         move |parts: &Parts| {
-            keyed.bump();
+            keyed.add();
             PerUser.key(parts)
         }
     });
-    let handler = Handler::held();
-    let app = app(handler.echo(), &layer);
+    let handler = Work::held();
+    let app = app(echo(&handler), &layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -1082,13 +988,14 @@ async fn over_a_real_socket_users_are_isolated_and_share_their_own_run() {
         .iter()
         .map(|user| tokio::spawn(call(Method::GET, user)))
         .collect();
-    keyed.reached(users.len()).await;
+    keyed
+        .wait_for(users.len(), HANG, "requests that reached the layer")
+        .await;
     handler.gate.open();
-    let got = within(futures_util::future::join_all(requests)).await;
+    let got = join_spawned(requests).await;
 
     let mut runs_by_user = std::collections::BTreeMap::<&str, Vec<usize>>::new();
     for (user, got) in users.iter().zip(got) {
-        let got = got.unwrap();
         assert_eq!(
             (got.status.as_u16(), got.text()),
             (200, &*format!("report for Bearer {user}"))

@@ -18,12 +18,13 @@ use axum::{extract::Path, routing::get, Router};
 use bytes::Bytes;
 use http::{request::Parts, StatusCode};
 use support::{
-    eventually, Gate, HttpClient, Instance, RedisServer, Reply, Resp, ServerProcess, Tally,
+    acquired, counting_waits, eventually, quiet_deliberate_panics, redis_key, Gate, HttpClient,
+    Instance, RedisServer, Reply, Resp, ServerProcess, Tally, DELIBERATE,
 };
 use tower_parking::{
     backend::{Acquire, Lookup, Wake},
-    Backend, Key, Parker, ParkerBuilder, ParkingLayer, RedisBackend, RedisBackendBuilder,
-    RedisSetupError, Stats, StoredResponse,
+    Backend, Key, Parker, ParkingLayer, RedisBackend, RedisBackendBuilder, RedisSetupError, Stats,
+    StoredResponse,
 };
 
 /// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
@@ -36,28 +37,14 @@ fn by_path(parts: &Parts) -> Option<Key> {
 
 /// The Redis key holding the stored response of the request for `path` (default prefix).
 fn resp_key(path: &str) -> String {
-    format!("parking:{{{}}}:resp", Key::new(path).digest_hex())
+    redis_key(&Key::new(path), "resp")
 }
 
-/// The Redis key holding the leader's lock for `path`.
-fn lock_key(path: &str) -> String {
-    format!("parking:{{{}}}:lock", Key::new(path).digest_hex())
-}
-
-/// An engine whose followers count, in `parked`, each time they found the lock held by another
-/// instance and are about to wait for it: the signal that an instance is parked.
-fn counting_parked(parked: &Tally) -> ParkerBuilder {
-    let parked = parked.clone();
-    Parker::<StoredResponse>::builder().before_wait(move |_key| {
-        parked.add();
-        Box::pin(async {})
-    })
-}
-
-/// The layer of every instance: keyed by path, followers counted in `parked`.
+/// The layer of every instance: keyed by path; its followers count, in `parked`, each time they
+/// found the lock held by another instance and are about to wait for it.
 fn parking(parked: &Tally, ttl: Duration) -> ParkingLayer {
     ParkingLayer::new()
-        .parker_builder(counting_parked(parked))
+        .parker_builder(counting_waits(parked))
         .key(by_path)
         .ttl(ttl)
 }
@@ -95,6 +82,15 @@ fn gated(
     }
 }
 
+/// A backend of its own on `redis`, with leases of `lease`.
+async fn backend(redis: &RedisServer, lease: Duration) -> RedisBackend {
+    RedisBackend::builder(redis.url())
+        .lease(lease)
+        .build()
+        .await
+        .expect("the backend builds")
+}
+
 /// Starts `n` instances on `redis`, each with its own backend (`backend` adjusts the builder),
 /// its own `layer()` and a clone of `app`.
 fn start_instances(
@@ -113,6 +109,24 @@ fn start_instances(
             )
         })
         .collect()
+}
+
+/// Starts `n` instances on `redis` whose leases last `lease`, each with a TTL of 30 s, followers
+/// counted in `parked`, and a clone of `app`.
+fn leased_instances(
+    n: usize,
+    redis: &RedisServer,
+    lease: Duration,
+    parked: &Tally,
+    app: &Router,
+) -> Vec<Instance> {
+    start_instances(
+        n,
+        redis,
+        |backend| backend.lease(lease),
+        || parking(parked, Duration::from_secs(30)),
+        app,
+    )
 }
 
 /// `count` requests for `path` to each instance, interleaved.
@@ -151,6 +165,16 @@ fn takeover_outcomes(replies: &[Reply]) -> (usize, usize, usize) {
     (
         count(replies, "miss"),
         count(replies, "parked") + count(replies, "hit"),
+        count(replies, "coalesced"),
+    )
+}
+
+/// `(miss, parked, coalesced)`: how many replies had each of the outcomes of a burst on instances
+/// that share the key's lock.
+fn miss_parked_coalesced(replies: &[Reply]) -> (usize, usize, usize) {
+    (
+        count(replies, "miss"),
+        count(replies, "parked"),
         count(replies, "coalesced"),
     )
 }
@@ -202,20 +226,11 @@ async fn four_instances_run_the_handler_once_for_200_callers() {
     let redis = RedisServer::start();
     let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
     let app = app(&runs, gated(&gate));
-    let instances = start_instances(
-        4,
-        &redis,
-        |backend| backend.lease(Duration::from_secs(5)),
-        || parking(&parked, Duration::from_secs(30)),
-        &app,
-    );
+    let instances = leased_instances(4, &redis, Duration::from_secs(5), &parked, &app);
     let all: Vec<&Instance> = instances.iter().collect();
 
     let client = HttpClient::new();
-    let burst = tokio::spawn({
-        let (client, urls) = (client.clone(), urls(&all, "/slow/one", 50));
-        async move { client.get_all_ok(urls).await }
-    });
+    let burst = client.spawn_get_all_ok(urls(&all, "/slow/one", 50));
     // Hold the leader until every request joined a flight and the three other instances are
     // parked on the lock, so each outcome below is determined.
     wait_all_in(&all, 50).await;
@@ -232,11 +247,7 @@ async fn four_instances_run_the_handler_once_for_200_callers() {
     assert_all_served(&replies, "one run 1");
     assert_eq!(runs.get(), 1, "the handler ran once across 4 instances");
     assert_eq!(
-        (
-            count(&replies, "miss"),
-            count(&replies, "parked"),
-            count(&replies, "coalesced")
-        ),
+        miss_parked_coalesced(&replies),
         (1, 3, 196),
         "one leader; one parked flight in each other instance; everyone else joined a flight: {:?}",
         outcomes(&replies)
@@ -324,27 +335,13 @@ async fn a_leader_that_dies_mid_handler_costs_one_more_run_within_its_lease() {
         }
         tokio::time::sleep(work).await;
     });
-    let mut instances = start_instances(
-        3,
-        &redis,
-        |backend| backend.lease(lease),
-        || parking(&parked, Duration::from_secs(30)),
-        &app,
-    );
+    let mut instances = leased_instances(3, &redis, lease, &parked, &app);
     let client = HttpClient::new();
 
-    let doomed = tokio::spawn({
-        let (client, url) = (client.clone(), instances[0].url("/slow/dead"));
-        async move { client.get(&url).await }
-    });
+    let doomed = client.spawn_get(instances[0].url("/slow/dead"));
     runs.wait_for(1, SOON, "the leader's run").await;
-    let followers = tokio::spawn({
-        let (client, urls) = (
-            client.clone(),
-            urls(&[&instances[1], &instances[2]], "/slow/dead", 10),
-        );
-        async move { client.get_all_ok(urls).await }
-    });
+    let followers =
+        client.spawn_get_all_ok(urls(&[&instances[1], &instances[2]], "/slow/dead", 10));
     wait_all_in(&[&instances[1], &instances[2]], 10).await;
     parked
         .wait_for(2, SOON, "instances parked behind the leader")
@@ -405,15 +402,9 @@ async fn a_leader_finishing_between_the_followers_acquire_and_wait_wakes_it_at_o
     );
     let client = HttpClient::new();
 
-    let led = tokio::spawn({
-        let (client, url) = (client.clone(), leader.url("/slow/race"));
-        async move { client.get(&url).await }
-    });
+    let led = client.spawn_get(leader.url("/slow/race"));
     runs.wait_for(1, SOON, "the leader's run").await;
-    let parked_reply = tokio::spawn({
-        let (client, url) = (client.clone(), follower.url("/slow/race"));
-        async move { client.get(&url).await }
-    });
+    let parked_reply = client.spawn_get(follower.url("/slow/race"));
     in_gap
         .wait_for(1, SOON, "the follower between acquire and wait")
         .await;
@@ -443,23 +434,12 @@ async fn a_leader_finishing_between_the_followers_acquire_and_wait_wakes_it_at_o
 async fn backend_wait_sees_a_store_or_release_that_happened_before_it() {
     let redis = RedisServer::start();
     let lease = Duration::from_secs(10);
-    let a = RedisBackend::builder(redis.url())
-        .lease(lease)
-        .build()
-        .await
-        .unwrap();
-    let b = RedisBackend::builder(redis.url())
-        .lease(lease)
-        .build()
-        .await
-        .unwrap();
+    let (a, b) = (backend(&redis, lease).await, backend(&redis, lease).await);
     let deadline = || Some(tokio::time::Instant::now() + Duration::from_secs(5));
 
     // Stored between the follower's failed acquire and its wait.
     let stored = Key::new("stored-in-the-gap");
-    let Acquire::Acquired(lease_a) = a.acquire(&stored, lease, Lookup::Check).await.unwrap() else {
-        panic!("the first acquire leads");
-    };
+    let lease_a = acquired(a.acquire(&stored, lease, Lookup::Check).await.unwrap());
     assert!(matches!(
         b.acquire(&stored, lease, Lookup::Check).await.unwrap(),
         Acquire::Held { .. }
@@ -485,10 +465,7 @@ async fn backend_wait_sees_a_store_or_release_that_happened_before_it() {
 
     // Released (nothing stored) in the same gap.
     let released = Key::new("released-in-the-gap");
-    let Acquire::Acquired(lease_a) = a.acquire(&released, lease, Lookup::Check).await.unwrap()
-    else {
-        panic!("the first acquire leads");
-    };
+    let lease_a = acquired(a.acquire(&released, lease, Lookup::Check).await.unwrap());
     assert!(matches!(
         b.acquire(&released, lease, Lookup::Check).await.unwrap(),
         Acquire::Held { .. }
@@ -512,28 +489,13 @@ async fn a_handler_longer_than_three_leases_still_runs_once() {
     let (runs, parked) = (Tally::new(), Tally::new());
     let (lease, work) = (Duration::from_millis(300), Duration::from_millis(1200));
     let app = app(&runs, move |_, _| tokio::time::sleep(work));
-    let instances = start_instances(
-        2,
-        &redis,
-        |backend| backend.lease(lease),
-        || parking(&parked, Duration::from_secs(30)),
-        &app,
-    );
+    let instances = leased_instances(2, &redis, lease, &parked, &app);
     let client = HttpClient::new();
 
     let started = Instant::now();
-    let first = tokio::spawn({
-        let (client, url) = (client.clone(), instances[0].url("/slow/long"));
-        async move { client.get(&url).await }
-    });
+    let first = client.spawn_get(instances[0].url("/slow/long"));
     runs.wait_for(1, SOON, "the leader's run").await;
-    let rest = tokio::spawn({
-        let (client, urls) = (
-            client.clone(),
-            urls(&[&instances[0], &instances[1]], "/slow/long", 5),
-        );
-        async move { client.get_all_ok(urls).await }
-    });
+    let rest = client.spawn_get_all_ok(urls(&[&instances[0], &instances[1]], "/slow/long", 5));
     wait_all_in(&[&instances[0]], 6).await;
     wait_all_in(&[&instances[1]], 5).await;
     parked.wait_for(1, SOON, "the other instance parked").await;
@@ -552,11 +514,7 @@ async fn a_handler_longer_than_three_leases_still_runs_once() {
         "the renewed lease kept the other instance parked"
     );
     assert_eq!(
-        (
-            count(&replies, "miss"),
-            count(&replies, "parked"),
-            count(&replies, "coalesced")
-        ),
+        miss_parked_coalesced(&replies),
         (1, 1, 9),
         "{:?}",
         outcomes(&replies)
@@ -564,7 +522,9 @@ async fn a_handler_longer_than_three_leases_still_runs_once() {
     assert!(elapsed < work + Duration::from_secs(1), "{elapsed:?}");
     assert_eq!(total(&instances).timeout, 0);
     assert_eq!(
-        redis.cmd(&["EXISTS", &lock_key("/slow/long")]).integer(),
+        redis
+            .cmd(&["EXISTS", &redis_key(&Key::new("/slow/long"), "lock")])
+            .integer(),
         0,
         "the lock was released with the store"
     );
@@ -574,23 +534,12 @@ async fn a_handler_longer_than_three_leases_still_runs_once() {
 async fn a_fenced_out_leader_cannot_store_over_its_successor() {
     let redis = RedisServer::start();
     let short = Duration::from_millis(300);
-    let first = RedisBackend::builder(redis.url())
-        .lease(short)
-        .build()
-        .await
-        .unwrap();
-    let second = RedisBackend::builder(redis.url())
-        .lease(short)
-        .build()
-        .await
-        .unwrap();
+    let (first, second) = (backend(&redis, short).await, backend(&redis, short).await);
     let key = Key::new("fenced");
     let ttl = Duration::from_secs(30);
     let deadline = || Some(tokio::time::Instant::now() + Duration::from_secs(5));
 
-    let Acquire::Acquired(old) = first.acquire(&key, short, Lookup::Check).await.unwrap() else {
-        panic!("the first acquire leads");
-    };
+    let old = acquired(first.acquire(&key, short, Lookup::Check).await.unwrap());
     // The first leader stalls past its lease; the lock expires and a second leader takes over.
     assert!(matches!(
         second.acquire(&key, short, Lookup::Check).await.unwrap(),
@@ -600,9 +549,7 @@ async fn a_fenced_out_leader_cannot_store_over_its_successor() {
         second.wait(&key, Lookup::Check, deadline()).await.unwrap(),
         Wake::Released
     ));
-    let Acquire::Acquired(new) = second.acquire(&key, short, Lookup::Check).await.unwrap() else {
-        panic!("the lock expired: the second acquire leads");
-    };
+    let new = acquired(second.acquire(&key, short, Lookup::Check).await.unwrap());
     assert!(new.fence() > old.fence(), "{new:?} after {old:?}");
 
     assert!(
@@ -632,17 +579,13 @@ async fn a_fenced_out_leader_cannot_store_over_its_successor() {
         other => panic!("expected the successor's value, got {other:?}"),
     }
     assert_eq!(
-        redis
-            .cmd(&["GET", &format!("parking:{{{}}}:resp", key.digest_hex())])
-            .text(),
+        redis.cmd(&["GET", &redis_key(&key, "resp")]).text(),
         "fresh"
     );
 
     // A leader that overran its lease but was not replaced may still store (the trait's contract).
     let late = Key::new("late-but-alone");
-    let Acquire::Acquired(lease) = first.acquire(&late, short, Lookup::Check).await.unwrap() else {
-        panic!("the first acquire leads");
-    };
+    let lease = acquired(first.acquire(&late, short, Lookup::Check).await.unwrap());
     assert!(matches!(
         second.acquire(&late, short, Lookup::Check).await.unwrap(),
         Acquire::Held { .. }
@@ -699,30 +642,17 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
     );
     let (a, b) = (&instances[0], &instances[1]);
     let client = HttpClient::new();
-    let spawn_burst = |urls: Vec<String>| {
-        let client = client.clone();
-        tokio::spawn(async move { client.get_all(urls).await })
-    };
-    let unwrap_all = |replies: Vec<Result<Reply, String>>| -> Vec<Reply> {
-        replies
-            .into_iter()
-            .map(|reply| reply.unwrap_or_else(|error| panic!("{error}")))
-            .collect()
-    };
 
     // 1. Redis dies while a leader runs in `a` and `b` is parked behind it.
-    let at_a = spawn_burst(urls(&[a], "/slow/down", 5));
+    let at_a = client.spawn_get_all_ok(urls(&[a], "/slow/down", 5));
     runs.wait_for(1, SOON, "the leader's run").await;
-    let at_b = spawn_burst(urls(&[b], "/slow/down", 5));
+    let at_b = client.spawn_get_all_ok(urls(&[b], "/slow/down", 5));
     wait_all_in(&[a, b], 5).await;
     parked.wait_for(1, SOON, "b parked").await;
     let killed = Instant::now();
     redis.kill();
     gates[0].1.open();
-    let (at_a, at_b) = (
-        unwrap_all(at_a.await.unwrap()),
-        unwrap_all(at_b.await.unwrap()),
-    );
+    let (at_a, at_b) = (at_a.await.unwrap(), at_b.await.unwrap());
     let answered_in = killed.elapsed();
     assert_all_served(&at_a, "down run 1");
     assert_eq!(count(&at_a, "miss"), 1, "{:?}", outcomes(&at_a));
@@ -736,12 +666,12 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
 
     // 2. While Redis is down, new requests are served with in-process coalescing alone: one run
     //    per instance.
-    let outage = spawn_burst(urls(&[a, b], "/slow/outage", 5));
+    let outage = client.spawn_get_all_ok(urls(&[a, b], "/slow/outage", 5));
     wait_all_in(&[a, b], 10).await;
     runs.wait_for(4, SOON, "one run in each instance").await;
     let opened = Instant::now();
     gates[1].1.open();
-    let outage = unwrap_all(outage.await.unwrap());
+    let outage = outage.await.unwrap();
     let answered_in = opened.elapsed();
     assert_eq!(
         runs.get(),
@@ -790,7 +720,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
     .await;
     let (runs_before, parked_before) = (runs.get(), parked.get());
     let in_before: Vec<usize> = instances.iter().map(|i| i.waiting().get()).collect();
-    let after = spawn_burst(urls(&[a, b], "/slow/after", 5));
+    let after = client.spawn_get_all_ok(urls(&[a, b], "/slow/after", 5));
     runs.wait_for(runs_before + 1, SOON, "the leader's run")
         .await;
     wait_all_in(&[a], in_before[0] + 5).await;
@@ -800,7 +730,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
         .await;
     let opened = Instant::now();
     gates[2].1.open();
-    let after = unwrap_all(after.await.unwrap());
+    let after = after.await.unwrap();
     let served_in = opened.elapsed();
     let body = format!("after run {}", runs_before + 1);
     assert_all_served(&after, &body);
@@ -810,11 +740,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
         "one run across both instances again"
     );
     assert_eq!(
-        (
-            count(&after, "miss"),
-            count(&after, "parked"),
-            count(&after, "coalesced")
-        ),
+        miss_parked_coalesced(&after),
         (1, 1, 8),
         "{:?}",
         outcomes(&after)
@@ -902,9 +828,7 @@ async fn enabling_keyspace_events_merges_the_flags_and_parks_across_backends() {
 
     let follower = RedisBackend::connect(&redis.url()).await.unwrap();
     let key = Key::new("notified");
-    let Acquire::Acquired(lease) = leader.acquire(&key, lease, Lookup::Check).await.unwrap() else {
-        panic!("the first acquire leads");
-    };
+    let lease = acquired(leader.acquire(&key, lease, Lookup::Check).await.unwrap());
     assert!(matches!(
         follower
             .acquire(&key, lease.duration(), Lookup::Check)
@@ -955,6 +879,7 @@ async fn a_panic_in_the_leader_instance_releases_remote_followers_and_one_retrie
     let lease = Duration::from_secs(5);
     // The first run panics when let go; the retry waits at its own gate, so the test can see who
     // runs and who parks before anyone is served.
+    quiet_deliberate_panics();
     let app = app(&runs, {
         let (before_panic, retry) = (before_panic.clone(), retry.clone());
         move |_, run| {
@@ -962,33 +887,18 @@ async fn a_panic_in_the_leader_instance_releases_remote_followers_and_one_retrie
             async move {
                 if run == 1 {
                     before_panic.wait().await;
-                    panic!("the first run panics, on purpose");
+                    panic!("{DELIBERATE}: the first run panics");
                 }
                 retry.wait().await;
             }
         }
     });
-    let instances = start_instances(
-        3,
-        &redis,
-        |backend| backend.lease(lease),
-        || parking(&parked, Duration::from_secs(30)),
-        &app,
-    );
+    let instances = leased_instances(3, &redis, lease, &parked, &app);
     let client = HttpClient::new();
 
-    let at_leader = tokio::spawn({
-        let (client, urls) = (client.clone(), urls(&[&instances[0]], "/slow/boom", 3));
-        async move { client.get_all_ok(urls).await }
-    });
+    let at_leader = client.spawn_get_all_ok(urls(&[&instances[0]], "/slow/boom", 3));
     runs.wait_for(1, SOON, "the leader's run").await;
-    let remote = tokio::spawn({
-        let (client, urls) = (
-            client.clone(),
-            urls(&[&instances[1], &instances[2]], "/slow/boom", 5),
-        );
-        async move { client.get_all_ok(urls).await }
-    });
+    let remote = client.spawn_get_all_ok(urls(&[&instances[1], &instances[2]], "/slow/boom", 5));
     wait_all_in(&[&instances[0]], 3).await;
     wait_all_in(&[&instances[1], &instances[2]], 5).await;
     parked
@@ -1032,25 +942,13 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
         Resp::Simple("OK".into())
     );
     let app = app(&runs, gated(&gate));
-    let instances = start_instances(
-        2,
-        &redis,
-        |backend| backend.lease(Duration::from_secs(5)),
-        || parking(&parked, Duration::from_secs(30)),
-        &app,
-    );
+    let instances = leased_instances(2, &redis, Duration::from_secs(5), &parked, &app);
     let all: Vec<&Instance> = instances.iter().collect();
     let client = HttpClient::new();
 
-    let first = tokio::spawn({
-        let (client, url) = (client.clone(), instances[0].url("/slow/corrupt"));
-        async move { client.get(&url).await }
-    });
+    let first = client.spawn_get(instances[0].url("/slow/corrupt"));
     runs.wait_for(1, SOON, "the leader's run").await;
-    let rest = tokio::spawn({
-        let (client, urls) = (client.clone(), urls(&all, "/slow/corrupt", 4));
-        async move { client.get_all_ok(urls).await }
-    });
+    let rest = client.spawn_get_all_ok(urls(&all, "/slow/corrupt", 4));
     wait_all_in(&[&instances[0]], 5).await;
     wait_all_in(&[&instances[1]], 4).await;
     parked.wait_for(1, SOON, "the other instance parked").await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::{
     prelude::{Client, ClientLike, Config, KeysInterface},
-    types::{CustomCommand, Value},
+    types::{CustomCommand, Expiration, Value},
 };
 use tokio::time::Instant;
 use tower_parking::{
@@ -17,7 +17,7 @@ use tower_parking::{
 
 mod support;
 
-use support::RedisServer;
+use support::{acquired, eventually, redis_key, RedisServer, TempDir};
 
 /// A plain client, to look at and poke the server from outside the backend.
 async fn inspector(server: &RedisServer) -> Client {
@@ -50,13 +50,6 @@ async fn backend(server: &RedisServer) -> RedisBackend {
         .expect("the backend builds")
 }
 
-fn acquired(acquire: Acquire) -> Lease {
-    match acquire {
-        Acquire::Acquired(lease) => lease,
-        other => panic!("expected to lead, got {other:?}"),
-    }
-}
-
 const LEASE: Duration = Duration::from_secs(10);
 const TTL: Duration = Duration::from_secs(60);
 
@@ -87,21 +80,11 @@ async fn one_leader_then_the_stored_value_for_everyone() {
 
     // The Redis keys are hashed and hash-tagged; the lock is gone, the value has its TTL.
     let inspector = inspector(&server).await;
-    let hash = key.digest_hex();
-    let resp: Option<String> = inspector
-        .get(format!("parking:{{{hash}}}:resp"))
-        .await
-        .unwrap();
+    let resp: Option<String> = inspector.get(redis_key(&key, "resp")).await.unwrap();
     assert_eq!(resp.as_deref(), Some("report"));
-    let lock_exists: i64 = inspector
-        .exists(format!("parking:{{{hash}}}:lock"))
-        .await
-        .unwrap();
+    let lock_exists: i64 = inspector.exists(redis_key(&key, "lock")).await.unwrap();
     assert_eq!(lock_exists, 0);
-    let pttl: i64 = inspector
-        .pttl(format!("parking:{{{hash}}}:resp"))
-        .await
-        .unwrap();
+    let pttl: i64 = inspector.pttl(redis_key(&key, "resp")).await.unwrap();
     assert!(pttl > 59_000 && pttl <= 60_000, "{pttl}");
 
     // `Skip` ignores the stored value (it did not decode) and leads.
@@ -467,29 +450,24 @@ async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
     assert_eq!(follower.failure_policy(), FailurePolicy::FailOpen);
 
     server.restart();
-    let reconnected = Instant::now();
-    let lease = loop {
-        // Bounded: the backends must come back by themselves within a few seconds.
-        assert!(
-            reconnected.elapsed() < Duration::from_secs(5),
-            "the backend did not reconnect to the restarted Redis"
-        );
-        match leader.acquire(&key, LEASE, Lookup::Check).await {
-            Ok(acquire) => break acquired(acquire),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    // Bounded: the backends must come back by themselves within a few seconds.
+    let (restarted, reconnect_within) = (Instant::now(), Duration::from_secs(5));
+    let lease = acquired(
+        eventually(
+            reconnect_within,
+            "the backend to reconnect to the restarted Redis",
+            || async { leader.acquire(&key, LEASE, Lookup::Check).await.ok() },
+        )
+        .await,
+    );
     // The subscription is back too: a parked follower wakes on the notification.
-    let waiter = loop {
-        assert!(
-            reconnected.elapsed() < Duration::from_secs(5),
-            "the follower did not reconnect"
-        );
-        if follower.acquire(&key, LEASE, Lookup::Check).await.is_ok() {
-            break parked_waiter(&follower, &key, None).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    eventually(
+        reconnect_within.saturating_sub(restarted.elapsed()),
+        "the follower to reconnect",
+        || async { follower.acquire(&key, LEASE, Lookup::Check).await.ok() },
+    )
+    .await;
+    let waiter = parked_waiter(&follower, &key, None).await;
     let completed = Instant::now();
     assert!(leader
         .complete(&lease, Bytes::from_static(b"back"), TTL)
@@ -548,10 +526,7 @@ async fn a_fence_counter_created_again_still_only_grows() {
     let first = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     backend.release(&first).await.unwrap();
     // As if the counter expired while the first leader stalled.
-    let deleted: i64 = inspector
-        .del(format!("parking:{{{}}}:fence", key.digest_hex()))
-        .await
-        .unwrap();
+    let deleted: i64 = inspector.del(redis_key(&key, "fence")).await.unwrap();
     assert_eq!(deleted, 1);
     let second = acquired(backend.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     assert!(second.fence() > first.fence(), "{second:?} after {first:?}");
@@ -606,14 +581,12 @@ async fn keyspace_events_off_fail_the_build_with_what_to_set() {
 
     // A failed build leaves no connection behind.
     let inspector = inspector(&server).await;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !connections(&inspector).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the failed build left connections open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(2),
+        "the failed build to close its connections",
+        || async { connections(&inspector).await.is_empty().then_some(()) },
+    )
+    .await;
 
     // Asked to, the backend turns on what is missing and keeps what was there.
     let backend = RedisBackend::builder(server.url())
@@ -779,9 +752,8 @@ async fn backend_on(url: &str, prefix: &str) -> RedisBackend {
 
 #[tokio::test]
 async fn unix_socket_urls_connect() {
-    let dir = std::env::temp_dir().join(format!("tower-parking-sock-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("redis.sock");
+    let dir = TempDir::new("tower-parking-sock");
+    let socket = dir.path().join("redis.sock");
     let socket_arg = socket.to_str().unwrap().to_owned();
     let server = RedisServer::start_with(&[
         "--unixsocket",
@@ -789,14 +761,10 @@ async fn unix_socket_urls_connect() {
         "--notify-keyspace-events",
         "Kg$x",
     ]);
-    let started = std::time::Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "no socket at {socket:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    eventually(Duration::from_secs(5), "the server's socket", || async {
+        socket.exists().then_some(())
+    })
+    .await;
     let over_tcp = backend(&server).await;
     let key = Key::new("over a socket");
     let lease = acquired(over_tcp.acquire(&key, LEASE, Lookup::Check).await.unwrap());
@@ -814,39 +782,45 @@ async fn unix_socket_urls_connect() {
         ));
     }
     over_tcp.release(&lease).await.unwrap();
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Polls `condition` until it holds, for at most `limit`: for state that changes on a
-/// notification this process has no other signal of.
-async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !condition() {
-        assert!(started.elapsed() < limit, "not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    started.elapsed()
 }
 
 /// Reads `key` through `backend` until its copy of `expected` is kept locally: the notification
 /// of the write that stored it may land just after the read and drop the first copy.
 async fn read_until_kept(backend: &RedisBackend, key: &Key, expected: &str) {
+    eventually(
+        Duration::from_secs(1),
+        &format!("{expected} to be kept"),
+        || async {
+            match backend.acquire(key, LEASE, Lookup::Check).await.unwrap() {
+                Acquire::Fresh(value) => assert_eq!(value, expected),
+                other => panic!("expected the stored value, got {other:?}"),
+            }
+            backend
+                .peek(key)
+                .is_some_and(|kept| kept == expected)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until `backend` keeps no local copy of `key`; returns how long that took.
+async fn until_not_kept(backend: &RedisBackend, key: &Key) -> Duration {
     let started = Instant::now();
-    loop {
-        match backend.acquire(key, LEASE, Lookup::Check).await.unwrap() {
-            Acquire::Fresh(value) => assert_eq!(value, expected),
-            other => panic!("expected the stored value, got {other:?}"),
-        }
-        if backend.peek(key).is_some_and(|kept| kept == expected) {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{expected} was never kept"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    eventually(Duration::from_secs(1), "the local copy to go", || async {
+        backend.peek(key).is_none().then_some(())
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Writes `value` at the Redis key `key`, expiring in `expires_in_ms`, behind the backends' back
+/// (as another version of the application or an operator would).
+async fn write_directly(inspector: &Client, key: &str, value: &str, expires_in_ms: i64) {
+    let _: () = inspector
+        .set(key, value, Some(Expiration::PX(expires_in_ms)), None, false)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -865,7 +839,7 @@ async fn hits_are_served_locally_until_the_value_changes_anywhere() {
 
     // Another process invalidates: the copy goes with the notification, not with its TTL.
     a.invalidate(&key).await.unwrap();
-    let took = eventually(Duration::from_secs(1), || b.peek(&key).is_none()).await;
+    let took = until_not_kept(&b, &key).await;
     assert!(
         took < Duration::from_millis(200),
         "the copy outlived the invalidation by {took:?}"
@@ -877,41 +851,14 @@ async fn hits_are_served_locally_until_the_value_changes_anywhere() {
         Acquire::Acquired(_)
     ));
     let inspector = inspector(&server).await;
-    let resp = format!("parking:{{{}}}:resp", key.digest_hex());
-    let _: () = inspector
-        .set(
-            &resp,
-            "v2",
-            Some(fred::types::Expiration::PX(60_000)),
-            None,
-            false,
-        )
-        .await
-        .unwrap();
+    let resp = redis_key(&key, "resp");
+    write_directly(&inspector, &resp, "v2", 60_000).await;
     read_until_kept(&b, &key, "v2").await;
-    let _: () = inspector
-        .set(
-            &resp,
-            "v3",
-            Some(fred::types::Expiration::PX(60_000)),
-            None,
-            false,
-        )
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(1), || b.peek(&key).is_none()).await;
+    write_directly(&inspector, &resp, "v3", 60_000).await;
+    until_not_kept(&b, &key).await;
 
     // A short-lived value is served locally no longer than it lives in Redis.
-    let _: () = inspector
-        .set(
-            &resp,
-            "short",
-            Some(fred::types::Expiration::PX(150)),
-            None,
-            false,
-        )
-        .await
-        .unwrap();
+    write_directly(&inspector, &resp, "short", 150).await;
     read_until_kept(&b, &key, "short").await;
     // Expiry makes no notification reach this process in time: the copy's own deadline ends it.
     tokio::time::sleep(Duration::from_millis(160)).await;
@@ -923,16 +870,7 @@ async fn hits_are_served_locally_until_the_value_changes_anywhere() {
         .build()
         .await
         .unwrap();
-    let _: () = inspector
-        .set(
-            &resp,
-            "v4",
-            Some(fred::types::Expiration::PX(60_000)),
-            None,
-            false,
-        )
-        .await
-        .unwrap();
+    write_directly(&inspector, &resp, "v4", 60_000).await;
     assert!(matches!(
         off.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
         Acquire::Fresh(_)

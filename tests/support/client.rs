@@ -9,9 +9,10 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
+use tokio::task::JoinHandle;
 
 /// No request in these tests may take longer: past it, the request counts as hung.
-const HANG: Duration = Duration::from_secs(20);
+const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
 /// What one request got.
 #[derive(Debug, Clone)]
@@ -84,9 +85,13 @@ impl HttpClient {
                 elapsed: started.elapsed(),
             })
         };
-        tokio::time::timeout(HANG, request)
+        tokio::time::timeout(ANSWER_WITHIN, request)
             .await
-            .unwrap_or_else(|_| Err(format!("GET {url}: no answer within {HANG:?} (hung)")))
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "GET {url}: no answer within {ANSWER_WITHIN:?} (hung)"
+                ))
+            })
     }
 
     /// Sends every request at once, each on its own task, and returns the results in order.
@@ -119,5 +124,18 @@ impl HttpClient {
             .into_iter()
             .map(|reply| reply.unwrap_or_else(|error| panic!("{error}")))
             .collect()
+    }
+
+    /// [`get`](Self::get) on a task of its own, so the test can go on while it waits.
+    pub fn spawn_get(&self, url: String) -> JoinHandle<Result<Reply, String>> {
+        let client = self.clone();
+        tokio::spawn(async move { client.get(&url).await })
+    }
+
+    /// [`get_all_ok`](Self::get_all_ok) on a task of its own, so the test can go on while they
+    /// wait.
+    pub fn spawn_get_all_ok(&self, urls: Vec<String>) -> JoinHandle<Vec<Reply>> {
+        let client = self.clone();
+        tokio::spawn(async move { client.get_all_ok(urls).await })
     }
 }

@@ -1,123 +1,34 @@
-//! Test support: a private `redis-server` per test, in-process "instances" (a layer, a backend and
-//! an HTTP server on a runtime of their own, so one can die mid-handler like a process), real
-//! processes of the server example, an HTTP client, and small synchronisation helpers.
+//! Test support: signals to hold work until every caller is in place, a private `redis-server`
+//! per test, in-process "instances" (a layer, a backend and an HTTP server on a runtime of their
+//! own, so one can die mid-handler like a process), real processes of the server example, and an
+//! HTTP client.
 //!
-//! Each integration test crate compiles this module on its own and uses part of it.
+//! Each integration test crate (and `benches/redis.rs`) compiles this module on its own and uses
+//! part of it.
 #![allow(dead_code, unused_imports, unreachable_pub)]
 
+#[cfg(feature = "redis")]
+mod backend;
+mod choreography;
 mod client;
 #[cfg(feature = "redis")]
 mod instance;
 mod process;
 mod redis_server;
 
-use std::{
-    future::Future,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[cfg(feature = "redis")]
+pub use backend::{acquired, redis_key};
+pub use choreography::{
+    burst, counting_waits, eventually, join_spawned, quiet_deliberate_panics, spawn_burst,
+    spawn_joined, tracked, within, Gate, Tally, Work, DELIBERATE, HANG,
 };
-
-use tokio::sync::watch;
-
 pub use client::{HttpClient, Reply};
 #[cfg(feature = "redis")]
 pub use instance::Instance;
 pub use process::ServerProcess;
 pub use redis_server::{RedisServer, Resp};
-
-/// A counter that can be awaited: `wait_for(n)` returns once it reached `n`.
-#[derive(Clone, Debug)]
-pub struct Tally(watch::Sender<usize>);
-
-impl Default for Tally {
-    fn default() -> Self {
-        Self(watch::Sender::new(0))
-    }
-}
-
-impl Tally {
-    /// A counter at zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds one and returns the new count (1 for the first call).
-    pub fn add(&self) -> usize {
-        let mut now = 0;
-        self.0.send_modify(|count| {
-            *count += 1;
-            now = *count;
-        });
-        now
-    }
-
-    /// The count now.
-    pub fn get(&self) -> usize {
-        *self.0.borrow()
-    }
-
-    /// Waits until the count reaches `n`; panics, naming `what`, if that takes longer than
-    /// `within`.
-    pub async fn wait_for(&self, n: usize, within: Duration, what: &str) {
-        let mut seen = self.0.subscribe();
-        let reached = tokio::time::timeout(within, seen.wait_for(|count| *count >= n)).await;
-        assert!(
-            matches!(reached, Ok(Ok(_))),
-            "waited {within:?} for {what} to reach {n}; it is {}",
-            self.get()
-        );
-    }
-}
-
-/// A gate that handlers wait at until the test opens it.
-#[derive(Clone, Debug)]
-pub struct Gate(watch::Sender<bool>);
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self(watch::Sender::new(false))
-    }
-}
-
-impl Gate {
-    /// A closed gate.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Opens the gate for every waiter, now and later.
-    pub fn open(&self) {
-        self.0.send_replace(true);
-    }
-
-    /// Returns once the gate is open (at once if it already is).
-    pub async fn wait(&self) {
-        let mut open = self.0.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = open.wait_for(|open| *open).await;
-    }
-}
-
-/// Polls `check` every few milliseconds until it returns `Some`, for conditions outside the
-/// process that offer no event to await (a port accepting connections, a key expiring in Redis).
-/// Panics, naming `what`, after `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited {within:?} for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// A name unique in this test process, for temporary directories and keys.
 pub fn unique(prefix: &str) -> String {
