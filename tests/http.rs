@@ -1026,3 +1026,41 @@ async fn over_a_real_socket_users_are_isolated_and_share_their_own_run() {
     assert_eq!(layer.parker().in_flight(), 0);
     server.abort();
 }
+
+#[tokio::test]
+async fn the_layer_composes_with_route_layer_and_service_builder() {
+    let layer = ParkingLayer::new().ttl(MINUTE);
+    let handler = Work::held();
+    let other = Work::free();
+    // `route_layer`: only the routes above it are parked; a route added after it is not.
+    let app = Router::new()
+        .route("/report", echo(&handler))
+        .route_layer(
+            tower::ServiceBuilder::new()
+                .map_request(|request: Request<Body>| request)
+                .layer(layer.clone()),
+        )
+        .route("/other", entering(&other, |run| format!("other {run}")));
+
+    let got = get_burst(&app, 5, &handler.gate).await;
+    assert_eq!(parking_values(&got), miss_then_coalesced(5));
+    assert!(got
+        .iter()
+        .all(|got| got.text() == "report for anonymous" && got.run() == 1));
+    assert_eq!(handler.runs(), 1);
+
+    let uri = |path| Request::get(path).body(Body::empty()).unwrap();
+    let outside = send(app.clone(), uri("/other")).await;
+    assert_eq!((outside.text(), outside.parking()), ("other 1", None));
+    let outside = send(app, uri("/other")).await;
+    assert_eq!((outside.text(), outside.parking()), ("other 2", None));
+    assert_settled(
+        &layer,
+        Stats {
+            miss: 1,
+            coalesced: 4,
+            executions: 1,
+            ..Stats::default()
+        },
+    );
+}
