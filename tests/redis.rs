@@ -23,8 +23,8 @@ use support::{
 };
 use tower_parking::{
     backend::{Acquire, Lookup, Wake},
-    Backend, Key, Parker, ParkingLayer, RedisBackend, RedisBackendBuilder, RedisSetupError, Stats,
-    StoredResponse,
+    Backend, FailurePolicy, Key, Parker, ParkingLayer, RedisBackend, RedisBackendBuilder,
+    RedisSetupError, Stats, StoredResponse,
 };
 
 /// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
@@ -749,6 +749,50 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
         served_in < Duration::from_secs(1),
         "served {served_in:?} after the leader finished"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_fail_closed_answers_503_at_once_and_runs_nothing() {
+    let mut redis = RedisServer::start();
+    let (runs, parked) = (Tally::new(), Tally::new());
+    let app = app(&runs, |_, _| async {});
+    let instances = start_instances(
+        1,
+        &redis,
+        |backend| {
+            backend
+                .failure_policy(FailurePolicy::FailClosed)
+                .command_timeout(Duration::from_millis(300))
+        },
+        || parking(&parked, Duration::from_secs(30)),
+        &app,
+    );
+    let client = HttpClient::new();
+    let before = client.get(&instances[0].url("/slow/up")).await.unwrap();
+    assert_eq!((before.status, before.outcome()), (StatusCode::OK, "miss"));
+
+    redis.kill();
+    let started = Instant::now();
+    let replies = client
+        .get_all_ok(urls(&[&instances[0]], "/slow/down", 5))
+        .await;
+    let answered_in = started.elapsed();
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+        assert_eq!(reply.text(), "request parking is unavailable");
+    }
+    assert_eq!(
+        runs.get(),
+        1,
+        "fail-closed runs nothing while Redis is down"
+    );
+    assert!(
+        answered_in < Duration::from_secs(2),
+        "answered {answered_in:?} after Redis died (command timeout 300 ms)"
+    );
+    let stats = instances[0].stats();
+    assert!(stats.backend_errors >= 1, "{stats:?}");
+    assert_eq!(stats.executions, 1, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
