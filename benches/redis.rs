@@ -24,11 +24,9 @@ mod support;
 use std::{
     collections::HashSet,
     convert::Infallible,
-    future::{poll_fn, Future},
+    future::Future,
     hint::black_box,
-    pin::pin,
     sync::{Arc, Mutex},
-    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -306,22 +304,16 @@ async fn crowd(server: &RedisServer) -> Crowd {
     crowd
 }
 
-/// Calls the service, counts the caller in `joined` once the call is in its flight (its first
-/// poll returned), and returns the body.
+/// Calls the service, counted in `joined` once the call is in its flight, and returns the body.
 async fn call_and_report_joined<S, B>(service: S, joined: Tally) -> Bytes
 where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let mut call = pin!(service.oneshot(request("/report/7")));
-    let first = poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
-    joined.add();
-    let response = match first {
-        Poll::Ready(response) => response,
-        Poll::Pending => call.await,
-    };
-    let response = response.expect("the layered service is infallible");
+    let response = support::tracked(service.oneshot(request("/report/7")), joined)
+        .await
+        .expect("the layered service is infallible");
     response.into_body().collect().await.unwrap().to_bytes()
 }
 

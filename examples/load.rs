@@ -27,8 +27,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -313,27 +311,10 @@ http {{
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
-    let stream = TcpStream::connect(addr)
+    let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let (_, body) = get(&mut stream, addr, path).await?;
     serde_json::from_slice(&body).map_err(|e| format!("{addr}{path}: not JSON: {e}"))
 }
 
@@ -371,18 +352,12 @@ async fn burst(targets: &[SocketAddr], path: &str, n: usize) -> Result<Vec<Answe
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        let path = path.to_owned();
         let barrier = Arc::clone(&barrier);
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let start = Instant::now();
-            stream
-                .write_all(request.as_bytes())
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?;
-            let (status, body) = read_response(&mut stream)
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?;
+            let (status, body) = get(&mut stream, addr, &path).await?;
             Ok::<_, String>(Answer {
                 latency: start.elapsed(),
                 status,
@@ -396,6 +371,18 @@ async fn burst(targets: &[SocketAddr], path: &str, n: usize) -> Result<Vec<Answe
         answers.push(task.await.map_err(|e| e.to_string())??);
     }
     Ok(answers)
+}
+
+/// `GET path` on an open connection: plain HTTP/1.1, the only client the harness uses.
+async fn get(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(u16, Bytes), String> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    read_response(stream)
+        .await
+        .map_err(|e| format!("{addr}{path}: {e}"))
 }
 
 /// Reads one HTTP/1.1 response with a `content-length` (what the server and nginx send here).
