@@ -17,6 +17,8 @@
 //!   Redis costs under 1.5x the raw `GET`.
 //!
 //! A summary with the percentiles and ratios criterion does not give is printed at the end.
+// criterion_group! generates undocumented functions.
+#![allow(missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -41,11 +43,11 @@ use http_body_util::{BodyExt, Full};
 use tokio::{runtime::Runtime, task::JoinSet};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_parking::{
-    backend::{Acquire, Lease, Lookup, Wake},
+    backend::{Acquire, Lookup, Wake},
     Backend, Key, Parker, ParkerBuilder, ParkingLayer, RedisBackend, Stats, PARKING_HEADER,
 };
 
-use support::{eventually, Gate, RedisServer, Tally};
+use support::{acquired, eventually, payload, sealed, Gate, RedisServer, Tally};
 
 /// The size of a typical stored response.
 const VALUE_LEN: usize = 2 * 1024;
@@ -148,13 +150,6 @@ async fn command(client: &Client, name: &'static str, args: Vec<&str>) -> fred::
         .custom(CustomCommand::new_static(name, None::<u16>, false), args)
         .await
         .unwrap_or_else(|error| panic!("{name}: {error}"))
-}
-
-fn acquired(acquire: Acquire) -> Lease {
-    match acquire {
-        Acquire::Acquired(lease) => lease,
-        other => panic!("expected to lead, got {other:?}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -262,14 +257,7 @@ async fn crowd(server: &RedisServer) -> Crowd {
         instances
             .iter()
             .map(|(_, layer, _)| layer.stats())
-            .fold(Stats::default(), |sum, stats| Stats {
-                hit: sum.hit + stats.hit,
-                miss: sum.miss + stats.miss,
-                coalesced: sum.coalesced + stats.coalesced,
-                parked: sum.parked + stats.parked,
-                executions: sum.executions + stats.executions,
-                ..sum
-            });
+            .sum::<Stats>();
     let _ = inspector.quit().await;
     let crowd = Crowd {
         callers,
@@ -418,14 +406,14 @@ async fn wake_up_once(fixture: &Fixture, n: u64) -> WakeUp {
     let start = Instant::now();
     let stored = fixture
         .leader
-        .complete(&lease, fixture.value.clone(), TTL)
+        .complete(&lease, sealed(&lease, TTL, &fixture.value), TTL)
         .await
         .expect("complete");
     let complete = start.elapsed();
     assert!(stored, "the leader still held its lease");
     let (wake, woken_at) = parked.await.expect("the follower's task");
     match wake.expect("wait") {
-        Wake::Stored(value) => assert_eq!(value, fixture.value, "the leader's value"),
+        Wake::Stored(value) => assert_eq!(payload(&value), fixture.value, "the leader's value"),
         other => panic!("the follower should get the stored value, got {other:?}"),
     }
     // Keeps Redis and the follower's local window from growing with the iterations.
@@ -568,11 +556,13 @@ fn hits(
     };
     let (windowless_layered, windowed_layered) =
         (layer(&fixture.windowless), layer(&fixture.windowed));
-    // The backends name a key's value `<prefix>{<digest>}:resp`: the raw GET reads the same bytes.
+    // The backends name a key's entry `<prefix>{<uri digest>}:<variant digest>:resp`: the raw GET
+    // reads the same bytes.
     let resp_key = format!(
-        "{}{{{}}}:resp",
+        "{}{{{}}}:{}:resp",
         fixture.windowless.prefix(),
-        key.digest_hex()
+        key.uri_digest_hex(),
+        key.variant_digest_hex()
     );
 
     runtime.block_on(async {
@@ -585,7 +575,7 @@ fn hits(
         );
         assert!(fixture
             .windowless
-            .complete(&lease, fixture.value.clone(), TTL)
+            .complete(&lease, sealed(&lease, TTL, &fixture.value), TTL)
             .await
             .unwrap());
         let raw: Bytes = fixture.plain.get(resp_key.as_str()).await.unwrap();
@@ -620,7 +610,7 @@ fn hits(
             "RedisBackend::acquire, window off",
             || async {
                 match fixture.windowless.acquire(&key, LEASE, Lookup::Check).await {
-                    Ok(Acquire::Fresh(value)) => value,
+                    Ok(Acquire::Fresh(value)) => payload(&value),
                     other => panic!("a warm key is fresh, got {other:?}"),
                 }
             },

@@ -373,9 +373,11 @@ async fn burst(targets: &[SocketAddr], path: &str, n: usize) -> Result<Vec<Answe
     Ok(answers)
 }
 
-/// `GET path` on an open connection: plain HTTP/1.1, the only client the harness uses.
+/// `GET path` on an open connection: plain HTTP/1.1, the only client the harness uses. Every
+/// request names one host, whichever server it reaches, as behind a load balancer: the layer's
+/// default key holds the authority.
 async fn get(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(u16, Bytes), String> {
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: app.example\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await

@@ -151,13 +151,19 @@ pub(crate) enum Collected<B> {
     Overflow(ParkingBody<B>),
 }
 
-/// Reads `body` whole if it fits in `limit` bytes; otherwise stops at the frame that crosses the
-/// limit and hands back what was read followed by the rest, so the caller still gets every byte.
-pub(crate) async fn collect_limited<B>(body: B, limit: usize) -> Result<Collected<B>, BoxError>
+/// Reads `body` whole if it fits in `limit` bytes and ends within `timeout`; otherwise stops at
+/// the frame that crosses the limit (or when the time is up) and hands back what was read
+/// followed by the rest, so the caller still gets every byte.
+pub(crate) async fn collect_limited<B>(
+    body: B,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Collected<B>, BoxError>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut body = Box::pin(body);
     if body.size_hint().lower() > limit as u64 {
         return Ok(Collected::Overflow(ParkingBody::prefixed(
@@ -166,7 +172,17 @@ where
         )));
     }
     let mut data = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_elapsed) => {
+                return Ok(Collected::Overflow(ParkingBody::prefixed(
+                    data.freeze(),
+                    body,
+                )))
+            }
+        };
         let frame = data_frame(frame.map_err(Into::into)?);
         match frame.into_data() {
             Ok(chunk) => {
@@ -198,10 +214,12 @@ mod tests {
     use super::*;
     use http_body_util::{Full, StreamBody};
 
+    const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
+
     #[tokio::test]
     async fn a_body_within_the_limit_is_collected_whole() {
         let Collected::Complete { data, trailers } =
-            collect_limited(Full::new(Bytes::from_static(b"hello")), 5)
+            collect_limited(Full::new(Bytes::from_static(b"hello")), 5, MINUTE)
                 .await
                 .unwrap()
         else {
@@ -215,7 +233,7 @@ mod tests {
         let chunks = (0..10)
             .map(|i| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![i; 100]))));
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        let Collected::Overflow(rest) = collect_limited(body, 250).await.unwrap() else {
+        let Collected::Overflow(rest) = collect_limited(body, 250, MINUTE).await.unwrap() else {
             panic!("over the limit")
         };
         let all = rest.collect().await.unwrap().to_bytes();
@@ -226,7 +244,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_announcing_more_than_the_limit_is_not_read() {
         let Collected::Overflow(rest) =
-            collect_limited(Full::new(Bytes::from(vec![7u8; 1000])), 10)
+            collect_limited(Full::new(Bytes::from(vec![7u8; 1000])), 10, MINUTE)
                 .await
                 .unwrap()
         else {
@@ -234,5 +252,25 @@ mod tests {
         };
         assert_eq!(rest.size_hint().exact(), Some(1000));
         assert_eq!(rest.collect().await.unwrap().to_bytes().len(), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_end_in_time_streams_on_with_every_byte() {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        sender.send(Ok(Frame::data(Bytes::from_static(b"first ")))).await.unwrap();
+        let body = StreamBody::new(tokio_stream_from(receiver));
+        let Collected::Overflow(rest) = collect_limited(body, 1024, MINUTE).await.unwrap() else {
+            panic!("a body still open after the timeout streams on")
+        };
+        sender.send(Ok(Frame::data(Bytes::from_static(b"second")))).await.unwrap();
+        drop(sender);
+        let all = rest.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"first second");
+    }
+
+    fn tokio_stream_from<T>(
+        mut receiver: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
     }
 }

@@ -70,8 +70,15 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
 
     /// Forgets the running flight for `key`: callers already waiting on it still get its result,
     /// later callers start a new one.
+    #[cfg(test)]
     pub(crate) fn forget(&self, key: &Key) {
         self.map.remove(key);
+    }
+
+    /// Forgets every running flight whose key has this URI part, as [`forget`](Self::forget)
+    /// does for one.
+    pub(crate) fn forget_uri(&self, uri: &str) {
+        self.map.retain(|key, _| key.uri_part() != uri);
     }
 
     /// How many flights are running.

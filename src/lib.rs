@@ -23,7 +23,13 @@
 //!
 //! A thousand concurrent `GET /answer` run `expensive` once; requests in the next 30 seconds get
 //! the same response without running it. Each response says how it was served in `x-parking`:
-//! `miss`, `hit`, `coalesced`, `parked`, `bypass` or `timeout`.
+//! `miss`, `hit`, `coalesced`, `parked`, `bypass`, `pass`, `revalidated` or `timeout`.
+//!
+//! The layer is a shared cache in the sense of RFC 9111: a response reaches a request other than
+//! its own only if a correct shared cache could give it to that request (its `Cache-Control`,
+//! `Vary`, the request's conditions and range), it is fresh for no longer than it says (nor than
+//! the TTL), a stale one with a validator is revalidated with a conditional run, and a
+//! successful write drops what is stored for its URI.
 //!
 //! - [`ParkingLayer`] / [`Parking`]: the tower middleware (for axum, hyper, tonic).
 //! - [`Parker`]: the engine on its own, for any [`Value`] (Go's `singleflight`, plus TTL windows and
@@ -31,13 +37,14 @@
 //! - [`MemoryBackend`] (default, one process) and `RedisBackend` (feature `redis`, on by default):
 //!   where windows and locks live.
 //!
-//! The default key ([`PerUser`]) includes a hash of `Authorization` and `Cookie`: one user's
-//! response never reaches another user unless you pick a key function that says it may.
-#![deny(unsafe_code, missing_docs)]
+//! The default key ([`PerUser`]) includes the authority and a hash of the credentials
+//! (`Authorization`, `Cookie`, `Proxy-Authorization`, `X-Api-Key`): one user's response never
+//! reaches another user unless you pick a key function that says it may.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod backend;
 mod body;
+mod clock;
 mod error;
 mod flight;
 mod key;
@@ -53,8 +60,8 @@ pub use backend::{Backend, BackendError, FailurePolicy, LeaseSettings, MemoryBac
 pub use backend::{RedisBackend, RedisBackendBuilder, RedisSetupError};
 pub use body::{BoxError, ParkingBody};
 pub use error::ParkError;
-pub use key::{ByHeader, Key, KeyFn, PerUser, SharedAcrossUsers};
-pub use layer::{Parking, ParkingLayer, ResponseFuture, PARKING_HEADER};
+pub use key::{ByHeader, Key, KeyFn, PerUser, PerUserWith, SharedAcrossUsers, CREDENTIAL_HEADERS};
+pub use layer::{sharing, Parking, ParkingLayer, ResponseFuture, PARKING_HEADER};
 pub use outcome::{Outcome, Stats};
 pub use parker::{Parker, ParkerBuilder};
 pub use policy::WaitTimeoutPolicy;

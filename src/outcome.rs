@@ -7,6 +7,7 @@ use std::{
 
 /// How one call was served. The layer sends it in the `x-parking` response header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Outcome {
     /// This call led: it ran the work (and stored its value when it could).
     Miss,
@@ -21,21 +22,29 @@ pub enum Outcome {
     /// Waited past the wait timeout, then ran the work itself without storing (or failed, when
     /// the policy says so).
     Timeout,
+    /// The key's responses cannot be shared (private, streamed, too large, ...), as a recent run
+    /// showed: the call ran the work itself, without waiting for anybody (hit-for-pass).
+    Pass,
+    /// This call led, and its run revalidated the stored response (the handler answered `304 Not
+    /// Modified` to a conditional request): the stored body is served with the refreshed head.
+    Revalidated,
 }
 
 impl Outcome {
     /// Every outcome, in the order [`Stats`] lists them.
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Miss,
         Outcome::Hit,
         Outcome::Coalesced,
         Outcome::Parked,
         Outcome::Bypass,
         Outcome::Timeout,
+        Outcome::Pass,
+        Outcome::Revalidated,
     ];
 
     /// The outcome's name, as sent in the `x-parking` header: `miss`, `hit`, `coalesced`,
-    /// `parked`, `bypass` or `timeout`.
+    /// `parked`, `bypass`, `timeout`, `pass` or `revalidated`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Miss => "miss",
@@ -44,6 +53,8 @@ impl Outcome {
             Outcome::Parked => "parked",
             Outcome::Bypass => "bypass",
             Outcome::Timeout => "timeout",
+            Outcome::Pass => "pass",
+            Outcome::Revalidated => "revalidated",
         }
     }
 
@@ -64,6 +75,7 @@ impl fmt::Display for Outcome {
 /// disconnected) is not counted, though the flight it started still runs and counts in
 /// `executions`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Calls served from the TTL window.
     pub hit: u64,
@@ -77,6 +89,10 @@ pub struct Stats {
     pub bypass: u64,
     /// Calls that waited past the wait timeout.
     pub timeout: u64,
+    /// Calls that ran the work themselves because the key's responses cannot be shared.
+    pub pass: u64,
+    /// Calls whose run revalidated the stored response with a `304`.
+    pub revalidated: u64,
     /// How many times the parker ran the work (the handler), whoever asked. Bypassed requests
     /// run the handler outside the parker and count in `bypass` only.
     pub executions: u64,
@@ -96,6 +112,8 @@ impl Stats {
             Outcome::Parked => self.parked,
             Outcome::Bypass => self.bypass,
             Outcome::Timeout => self.timeout,
+            Outcome::Pass => self.pass,
+            Outcome::Revalidated => self.revalidated,
         }
     }
 
@@ -105,10 +123,37 @@ impl Stats {
     }
 }
 
+/// Counters added up, as across the layers of several processes.
+impl std::ops::Add for Stats {
+    type Output = Stats;
+
+    fn add(self, other: Stats) -> Stats {
+        Stats {
+            hit: self.hit + other.hit,
+            miss: self.miss + other.miss,
+            coalesced: self.coalesced + other.coalesced,
+            parked: self.parked + other.parked,
+            bypass: self.bypass + other.bypass,
+            timeout: self.timeout + other.timeout,
+            pass: self.pass + other.pass,
+            revalidated: self.revalidated + other.revalidated,
+            executions: self.executions + other.executions,
+            failures: self.failures + other.failures,
+            backend_errors: self.backend_errors + other.backend_errors,
+        }
+    }
+}
+
+impl std::iter::Sum for Stats {
+    fn sum<I: Iterator<Item = Stats>>(iter: I) -> Stats {
+        iter.fold(Stats::default(), std::ops::Add::add)
+    }
+}
+
 /// The live counters behind [`Stats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    outcomes: [AtomicU64; 6],
+    outcomes: [AtomicU64; Outcome::ALL.len()],
     executions: AtomicU64,
     failures: AtomicU64,
     backend_errors: AtomicU64,
@@ -140,6 +185,8 @@ impl Counters {
             parked: outcome(Outcome::Parked),
             bypass: outcome(Outcome::Bypass),
             timeout: outcome(Outcome::Timeout),
+            pass: outcome(Outcome::Pass),
+            revalidated: outcome(Outcome::Revalidated),
             executions: self.executions.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             backend_errors: self.backend_errors.load(Ordering::Relaxed),

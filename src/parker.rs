@@ -17,7 +17,8 @@ use futures_util::{future::BoxFuture, FutureExt};
 use tokio::time::Instant;
 
 use crate::{
-    backend::{Acquire, Backend, BackendError, Lease, Lookup, Wake},
+    backend::{Acquire, Backend, BackendError, EntryKind, Lease, Lookup, Stamp, Wake},
+    clock,
     flight::{Flights, Joined},
     outcome::Counters,
     Key, MemoryBackend, Outcome, ParkError, Stats, Value, WaitTimeoutPolicy,
@@ -27,15 +28,41 @@ use crate::{
 /// private to the leader's caller, who got it through its own channel.
 type Landed<V> = (Outcome, Result<Option<V>, ParkError>);
 
+/// How long a value that is shared but not fresh (TTL zero, `max-age=0`) stays readable, so that
+/// the callers parked on its run in other processes can still pick it up.
+const HANDOFF: Duration = Duration::from_secs(1);
+
 /// What the work decided about its value.
 pub(crate) enum Completion<V> {
-    /// Hand it to every caller and keep it for the TTL window.
-    Store(V),
-    /// Hand it to every caller of this flight, but do not keep it.
-    Share(V),
+    /// Hand it to every caller of this flight, and keep it as `keep` says.
+    Store(V, Keep),
     /// Only the caller whose work ran may have it (it delivered it itself); every joined caller
-    /// runs its own work.
-    Private,
+    /// runs its own work, and so does every caller of the key for this long (hit-for-pass).
+    Pass(Duration),
+}
+
+/// How long a stored value serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keep {
+    /// Served without running the work for this long. Zero: handed only to the callers
+    /// already waiting for this run, in every process.
+    pub(crate) fresh_for: Duration,
+    /// Kept this long in all (at least `fresh_for`): a stale value is handed to the next run of
+    /// its key, which may revalidate it instead of producing it again.
+    pub(crate) keep_for: Duration,
+    /// The run revalidated the previous value rather than producing a new one.
+    pub(crate) revalidated: bool,
+}
+
+impl Keep {
+    /// Fresh for `ttl`, then gone.
+    pub(crate) fn for_ttl(ttl: Duration) -> Self {
+        Self {
+            fresh_for: ttl,
+            keep_for: ttl,
+            revalidated: false,
+        }
+    }
 }
 
 /// A hook run by a follower between finding the lock held and waiting for the leader.
@@ -137,26 +164,27 @@ impl<V: Value> Parker<V> {
         Fut: Future<Output = Result<V, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let work = move || async move {
+        let keep = Keep::for_ttl(self.inner.ttl);
+        let work = move |_previous: Option<V>| async move {
             work()
                 .await
-                .map(Completion::Store)
+                .map(|value| Completion::Store(value, keep))
                 .map_err(ParkError::failed)
         };
         let (outcome, result) = self.execute(key.into(), work).await;
-        // `work` never answers `Private`, so a missing value means the flight was cut short.
+        // `work` never answers `Pass`, so a missing value means the flight was cut short.
         (
             result.and_then(|value| value.ok_or(ParkError::Cancelled)),
             outcome,
         )
     }
 
-    /// Forgets `key`: its stored value, and its running flight for later callers (callers already
-    /// waiting still get the running flight's value, which is then not stored). The next call runs
-    /// the work again.
+    /// Forgets every stored value whose key has `key`'s URI part (every variant), and the
+    /// running flights for them, for later callers (callers already waiting still get the
+    /// running flight's value, which is then not stored). The next call runs the work again.
     pub async fn invalidate(&self, key: impl Into<Key>) -> Result<(), BackendError> {
         let key = key.into();
-        self.inner.flights.forget(&key);
+        self.inner.flights.forget_uri(key.uri_part());
         self.inner.backend.invalidate(&key).await
     }
 
@@ -170,25 +198,34 @@ impl<V: Value> Parker<V> {
         self.inner.flights.len()
     }
 
-    pub(crate) fn record_bypass(&self) {
-        self.inner.counters.record(Outcome::Bypass);
+    pub(crate) fn record(&self, outcome: Outcome) {
+        self.inner.counters.record(outcome);
     }
 
     /// The heart of every call: joins or starts the key's flight and says how this caller was
     /// served. `Ok(None)`: the caller's own `work` ran and delivered its private value itself.
+    ///
+    /// `work` gets the key's stored value when it is no longer fresh but still kept (for
+    /// revalidation).
     pub(crate) async fn execute<F, Fut>(&self, key: Key, work: F) -> Landed<V>
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: FnOnce(Option<V>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
     {
         let inner = &self.inner;
-        if let Some(value) = inner
-            .backend
-            .peek(&key)
-            .and_then(|bytes| V::decode(bytes).ok())
-        {
-            inner.counters.record(Outcome::Hit);
-            return (Outcome::Hit, Ok(Some(value)));
+        match inner.backend.peek(&key).and_then(Found::fresh) {
+            Some(Found::Value(payload)) => {
+                // One that does not decode is left to the flight, which overwrites it.
+                if let Ok(value) = V::decode(payload) {
+                    inner.counters.record(Outcome::Hit);
+                    return (Outcome::Hit, Ok(Some(value)));
+                }
+            }
+            Some(Found::Pass) => {
+                inner.counters.record(Outcome::Pass);
+                return (Outcome::Pass, inner.run_unshared(work).await);
+            }
+            None => {}
         }
         let (outcome, result) = match inner.flights.join_or_start(&key) {
             Joined::Leader(landing, flight) => {
@@ -208,7 +245,7 @@ impl<V: Value> Parker<V> {
                 };
                 match landed {
                     None => inner.after_wait_timeout(work).await,
-                    Some(Some((_, Ok(None)))) => (Outcome::Miss, inner.run_unshared(work).await),
+                    Some(Some((_, Ok(None)))) => (Outcome::Pass, inner.run_unshared(work).await),
                     Some(Some((_, result))) => (Outcome::Coalesced, result),
                     Some(None) => (Outcome::Coalesced, Err(ParkError::Cancelled)),
                 }
@@ -219,11 +256,34 @@ impl<V: Value> Parker<V> {
     }
 }
 
+/// A stored entry, read.
+enum Found {
+    Value(bytes::Bytes),
+    Pass,
+}
+
+impl Found {
+    /// The entry if it is fresh now; `None` for a stale or unreadable one.
+    fn fresh(entry: bytes::Bytes) -> Option<Self> {
+        let (stamp, payload) = Stamp::open(&entry)?;
+        stamp
+            .is_fresh(clock::now())
+            .then(|| Self::read(stamp, payload))
+    }
+
+    fn read(stamp: Stamp, payload: bytes::Bytes) -> Self {
+        match stamp.kind {
+            EntryKind::Pass => Self::Pass,
+            EntryKind::Value => Self::Value(payload),
+        }
+    }
+}
+
 impl<V: Value> Inner<V> {
     /// The flight, on its own task: find the value, or lead the work, or wait for the leader.
     async fn fly<F, Fut>(&self, key: &Key, work: F) -> Landed<V>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
         let lease = self.backend.lease_settings().lease;
@@ -232,10 +292,16 @@ impl<V: Value> Inner<V> {
         // A value found after waiting for another leader came from that leader: parked, not hit.
         let mut waited = false;
         loop {
-            let stored = match self.backend.acquire(key, lease, lookup).await {
+            let entry = match self.backend.acquire(key, lease, lookup).await {
                 Err(error) => return self.without_backend("acquire", error, work).await,
-                Ok(Acquire::Acquired(lease)) => return self.lead(lease, work).await,
-                Ok(Acquire::Fresh(bytes)) => (Outcome::Hit, bytes),
+                Ok(Acquire::Acquired(lease, previous)) => {
+                    let previous = previous
+                        .and_then(|entry| Stamp::open(&entry))
+                        .filter(|(stamp, _)| stamp.kind == EntryKind::Value)
+                        .and_then(|(_, payload)| V::decode(payload).ok());
+                    return self.lead(lease, work, previous).await;
+                }
+                Ok(Acquire::Fresh(entry)) => entry,
                 Ok(Acquire::Held { .. }) => {
                     if let Some(hook) = &self.before_wait {
                         hook(key.clone()).await;
@@ -243,7 +309,7 @@ impl<V: Value> Inner<V> {
                     waited = true;
                     match self.backend.wait(key, lookup, deadline).await {
                         Err(error) => return self.without_backend("wait", error, work).await,
-                        Ok(Wake::Stored(bytes)) => (Outcome::Parked, bytes),
+                        Ok(Wake::Stored(entry)) => entry,
                         Ok(Wake::Released) => {
                             lookup = Lookup::Check;
                             continue;
@@ -252,53 +318,90 @@ impl<V: Value> Inner<V> {
                     }
                 }
             };
-            let (outcome, bytes) = stored;
-            let outcome = if waited { Outcome::Parked } else { outcome };
-            match V::decode(bytes) {
-                Ok(value) => return (outcome, Ok(Some(value))),
-                Err(error) => {
-                    tracing::warn!(key = %key, %error, "stored value does not decode: running the work again to overwrite it");
-                    lookup = Lookup::Skip;
+            let outcome = if waited {
+                Outcome::Parked
+            } else {
+                Outcome::Hit
+            };
+            let found = Stamp::open(&entry).map(|(stamp, payload)| Found::read(stamp, payload));
+            let error = match found {
+                Some(Found::Pass) => {
+                    return (
+                        Outcome::Pass,
+                        self.run_unshared(work).await.map(|_| None),
+                    )
                 }
-            }
+                Some(Found::Value(payload)) => match V::decode(payload) {
+                    Ok(value) => return (outcome, Ok(Some(value))),
+                    Err(error) => error.to_string(),
+                },
+                None => "not an entry of this version".to_owned(),
+            };
+            tracing::warn!(key = %key, %error, "stored value does not decode: running the work again to overwrite it");
+            lookup = Lookup::Skip;
         }
     }
 
     /// Runs the work as the leader, renewing the lease while it runs, then stores or releases.
-    async fn lead<F, Fut>(&self, lease: Lease, work: F) -> Landed<V>
+    async fn lead<F, Fut>(&self, lease: Lease, work: F, previous: Option<V>) -> Landed<V>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
+        let started = Instant::now();
         let completion = tokio::select! {
             biased;
-            completion = self.run_work(work) => completion,
+            completion = self.run_work(move || work(previous)) => completion,
             never = self.renew_while_running(&lease) => match never {},
         };
-        let result = match completion {
-            Ok(Completion::Store(value)) if !self.ttl.is_zero() => {
-                match self
-                    .backend
-                    .complete(&lease, value.encode(), self.ttl)
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(
-                        key = %lease.key(),
-                        "the lease was lost and another leader took over: this value is served but not stored"
-                    ),
-                    Err(error) => self.backend_failed("complete", &error),
-                }
-                return (Outcome::Miss, Ok(Some(value)));
-            }
-            Ok(Completion::Store(value) | Completion::Share(value)) => Ok(Some(value)),
-            Ok(Completion::Private) => Ok(None),
-            Err(error) => Err(error),
+        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = clock::now();
+        let stamp = |kind, fresh_for: Duration, keep_for: Duration| Stamp {
+            fence: lease.fence(),
+            fresh_until: now.saturating_add(clock::micros(fresh_for)),
+            keep_until: now.saturating_add(clock::micros(keep_for)),
+            stored_at: now,
+            took_ms,
+            kind,
         };
-        if let Err(error) = self.backend.release(&lease).await {
-            self.backend_failed("release", &error);
+        let (outcome, result, entry) = match completion {
+            Ok(Completion::Store(value, keep)) => {
+                let keep_for = keep.keep_for.max(keep.fresh_for);
+                // Not fresh and not kept: kept just long enough for the callers parked on this
+                // run elsewhere to pick it up.
+                let keep_for = if keep_for.is_zero() { HANDOFF } else { keep_for };
+                let entry = stamp(EntryKind::Value, keep.fresh_for, keep_for)
+                    .seal(&value.encode());
+                let outcome = if keep.revalidated {
+                    Outcome::Revalidated
+                } else {
+                    Outcome::Miss
+                };
+                (outcome, Ok(Some(value)), Some((entry, keep_for)))
+            }
+            Ok(Completion::Pass(pass_for)) => {
+                let entry = (!pass_for.is_zero())
+                    .then(|| (stamp(EntryKind::Pass, pass_for, pass_for).seal(b""), pass_for));
+                (Outcome::Miss, Ok(None), entry)
+            }
+            Err(error) => (Outcome::Miss, Err(error), None),
+        };
+        match entry {
+            Some((entry, keep_for)) => match self.backend.complete(&lease, entry, keep_for).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    key = %lease.key(),
+                    "the lease was lost or the key invalidated: this value is served but not stored"
+                ),
+                Err(error) => self.backend_failed("complete", &error),
+            },
+            None => {
+                if let Err(error) = self.backend.release(&lease).await {
+                    self.backend_failed("release", &error);
+                }
+            }
         }
-        (Outcome::Miss, result)
+        (outcome, result)
     }
 
     /// Extends the lease every `renew_every` for as long as it is polled.
@@ -347,20 +450,20 @@ impl<V: Value> Inner<V> {
     /// Runs the work for this caller alone: nothing shared, nothing stored.
     async fn run_unshared<F, Fut>(&self, work: F) -> Result<Option<V>, ParkError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
-        self.run_work(work)
+        self.run_work(move || work(None))
             .await
             .map(|completion| match completion {
-                Completion::Store(value) | Completion::Share(value) => Some(value),
-                Completion::Private => None,
+                Completion::Store(value, _) => Some(value),
+                Completion::Pass(_) => None,
             })
     }
 
     async fn after_wait_timeout<F, Fut>(&self, work: F) -> Landed<V>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
         let waited = self.wait_timeout.unwrap_or_default();
@@ -378,7 +481,7 @@ impl<V: Value> Inner<V> {
         work: F,
     ) -> Landed<V>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
         self.backend_failed(operation, &error);

@@ -8,7 +8,9 @@ use crate::{value::DecodeError, Value};
 /// A response with its body buffered: what coalesced and parked callers receive and what the
 /// backend keeps for the TTL window.
 ///
-/// Hop-by-hop headers (`Connection`, `Transfer-Encoding`, ...) are never kept.
+/// Hop-by-hop headers (`Connection`, `Transfer-Encoding`, ...) are never kept. A response stored
+/// by the layer also carries its cache policy (RFC 9111, from `http-cache-semantics`) and when it
+/// was received, so that every process computes its `Age` and revalidates it alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     /// The status code.
@@ -17,10 +19,25 @@ pub struct StoredResponse {
     pub headers: HeaderMap,
     /// The whole body.
     pub body: Bytes,
+    pub(crate) policy: Option<PolicyRecord>,
 }
 
-/// Format tag, so that bytes written by a future format are told apart and treated as a miss.
-const MAGIC: &[u8; 4] = b"TPR1";
+/// What the layer keeps beside a response to reuse it as a shared cache does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PolicyRecord {
+    /// When the response was received (µs since the Unix epoch).
+    pub(crate) received_at: u64,
+    /// Its age when received, in seconds (its own `Age`, as the policy reads it).
+    pub(crate) age_when_received: u64,
+    /// Whether its `Vary` names request headers, so that a request must be matched against it.
+    pub(crate) varies: bool,
+    /// The `http_cache_semantics::CachePolicy`, as JSON.
+    pub(crate) policy: Bytes,
+}
+
+/// Format tag, so that bytes written by another format are told apart and treated as a miss.
+/// `TPR1` (no policy) is read as a miss and overwritten by the next run.
+const MAGIC: &[u8; 4] = b"TPR2";
 
 /// Headers that describe one connection, not the response (RFC 9110, 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -44,27 +61,8 @@ impl StoredResponse {
             status,
             headers,
             body,
+            policy: None,
         }
-    }
-
-    /// Whether the response may only go to the caller that asked for it: it sets a cookie, or its
-    /// `Cache-Control` says `private` or `no-store`.
-    pub fn is_private(status_headers: &HeaderMap) -> bool {
-        if status_headers.contains_key(header::SET_COOKIE) {
-            return true;
-        }
-        status_headers
-            .get_all(header::CACHE_CONTROL)
-            .iter()
-            .any(|value| {
-                value.to_str().map_or(true, |value| {
-                    value.split(',').any(|directive| {
-                        let name = directive.trim().split('=').next().unwrap_or("").trim();
-                        name.eq_ignore_ascii_case("private")
-                            || name.eq_ignore_ascii_case("no-store")
-                    })
-                })
-            })
     }
 }
 
@@ -84,6 +82,17 @@ impl Value for StoredResponse {
             out.put_slice(name.as_str().as_bytes());
             out.put_u32(value.len() as u32);
             out.put_slice(value.as_bytes());
+        }
+        match &self.policy {
+            None => out.put_u8(0),
+            Some(record) => {
+                out.put_u8(1);
+                out.put_u64(record.received_at);
+                out.put_u64(record.age_when_received);
+                out.put_u8(u8::from(record.varies));
+                out.put_u32(record.policy.len() as u32);
+                out.put_slice(&record.policy);
+            }
         }
         out.put_slice(&self.body);
         out.freeze()
@@ -119,10 +128,28 @@ impl Value for StoredResponse {
                 .map_err(|_| DecodeError::new("invalid header value"))?;
             headers.append(name, value);
         }
+        let policy = match take(&mut bytes, 1, "policy tag")?.get_u8() {
+            0 => None,
+            1 => {
+                let received_at = take(&mut bytes, 8, "receive time")?.get_u64();
+                let age_when_received = take(&mut bytes, 8, "age")?.get_u64();
+                let varies = take(&mut bytes, 1, "vary flag")?.get_u8() != 0;
+                let len = take_u32(&mut bytes, "policy length")?;
+                let policy = take(&mut bytes, len, "policy")?;
+                Some(PolicyRecord {
+                    received_at,
+                    age_when_received,
+                    varies,
+                    policy,
+                })
+            }
+            tag => return Err(DecodeError::new(format!("invalid policy tag {tag}"))),
+        };
         Ok(Self {
             status,
             headers,
             body: bytes,
+            policy,
         })
     }
 }
@@ -149,7 +176,13 @@ mod tests {
 
     #[test]
     fn round_trips_without_hop_by_hop_headers() {
-        let stored = sample();
+        let mut stored = sample();
+        stored.policy = Some(PolicyRecord {
+            received_at: 1_800_000_000_000_000,
+            age_when_received: 7,
+            varies: true,
+            policy: Bytes::from_static(b"{}"),
+        });
         assert!(!stored.headers.contains_key(header::CONNECTION));
         let decoded = StoredResponse::decode(stored.encode()).unwrap();
         assert_eq!(decoded, stored);
@@ -168,19 +201,11 @@ mod tests {
         assert!(
             StoredResponse::decode(Bytes::from_static(b"garbage that is long enough")).is_err()
         );
-    }
-
-    #[test]
-    fn private_responses_are_recognised() {
-        let private = |name: HeaderName, value: &'static str| {
-            let mut headers = HeaderMap::new();
-            headers.insert(name, HeaderValue::from_static(value));
-            StoredResponse::is_private(&headers)
-        };
-        assert!(private(header::SET_COOKIE, "a=b"));
-        assert!(private(header::CACHE_CONTROL, "private, max-age=60"));
-        assert!(private(header::CACHE_CONTROL, "max-age=0, No-Store"));
-        assert!(!private(header::CACHE_CONTROL, "public, max-age=60"));
-        assert!(!StoredResponse::is_private(&HeaderMap::new()));
+        let mut older = sample().encode().to_vec();
+        older[..4].copy_from_slice(b"TPR1");
+        assert!(
+            StoredResponse::decode(older.into()).is_err(),
+            "a value of the older format is a miss, never misread"
+        );
     }
 }

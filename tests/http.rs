@@ -227,12 +227,11 @@ async fn the_default_key_never_shares_a_response_between_users() {
     assert_eq!(handler.runs(), 3);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 3,
             coalesced: 4,
             hit: 1,
             executions: 3,
-            ..Stats::default()
         },
     );
 }
@@ -257,9 +256,8 @@ async fn post_bypasses_and_runs_every_time() {
     // A bypassed request is not a run of parked work: `executions` counts only those.
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             bypass: 3,
-            ..Stats::default()
         },
     );
 }
@@ -294,12 +292,11 @@ async fn a_handler_panic_reaches_every_waiter_at_once_and_is_not_stored() {
     assert_eq!(handler.runs(), 2);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 3,
             executions: 2,
             failures: 1,
-            ..Stats::default()
         },
     );
 }
@@ -351,12 +348,11 @@ async fn an_inner_service_error_reaches_its_caller_and_the_others_get_500() {
     assert_eq!(handler.runs(), 2);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 3,
             executions: 2,
             failures: 1,
-            ..Stats::default()
         },
     );
 }
@@ -373,7 +369,7 @@ fn status_route(handler: &Work, status: StatusCode) -> MethodRouter {
 
 #[tokio::test]
 async fn a_status_that_is_not_storable_is_shared_with_waiters_but_not_kept() {
-    for status in [StatusCode::NOT_FOUND, StatusCode::INTERNAL_SERVER_ERROR] {
+    for status in [StatusCode::FOUND, StatusCode::INTERNAL_SERVER_ERROR] {
         let layer = ParkingLayer::new().ttl(MINUTE);
         let handler = Work::held();
         let app = app(status_route(&handler, status), &layer);
@@ -396,11 +392,10 @@ async fn a_status_that_is_not_storable_is_shared_with_waiters_but_not_kept() {
         assert_eq!(handler.runs(), 2);
         assert_settled(
             &layer,
-            Stats {
+            stats! {
                 miss: 2,
                 coalesced: 2,
                 executions: 2,
-                ..Stats::default()
             },
         );
     }
@@ -427,11 +422,10 @@ async fn storable_statuses_decide_what_is_kept() {
     assert_eq!(handler.runs(), 1);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             hit: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -464,32 +458,34 @@ async fn a_body_over_the_limit_streams_whole_to_every_caller_and_is_not_kept() {
         .route("/announced", announced)
         .layer(layer.clone());
 
-    // Each waiter finds nothing it may share, so it runs the handler itself.
+    // Each waiter finds nothing it may share, so it runs the handler itself (`pass`).
     let got = get_burst(&app, 3, &handler.gate).await;
     for got in &got {
-        assert_eq!((got.status.as_u16(), got.parking()), (200, Some("miss")));
+        let expected = if got.run() == 1 { "miss" } else { "pass" };
+        assert_eq!((got.status.as_u16(), got.parking()), (200, Some(expected)));
         assert_eq!(got.body, big_body(got.run()).concat(), "run {}", got.run());
     }
     assert_eq!(sorted_runs(&got), [1, 2, 3]);
 
+    // The key is remembered as one that cannot be shared: the next request does not park.
     let next = send(app.clone(), anonymous_get()).await;
-    assert_eq!((next.parking(), next.run()), (Some("miss"), 4));
+    assert_eq!((next.parking(), next.run()), (Some("pass"), 4));
     assert_eq!(next.body, big_body(4).concat());
 
     // A body whose size is known up front to exceed the limit is not even buffered.
-    for run in [5, 6] {
+    for (run, outcome) in [(5, "miss"), (6, "pass")] {
         let request = Request::get("/announced").body(Body::empty()).unwrap();
         let got = send(app.clone(), request).await;
-        assert_eq!((got.parking(), got.run()), (Some("miss"), run));
+        assert_eq!((got.parking(), got.run()), (Some(outcome), run));
         assert_eq!(got.body, vec![b'0' + run as u8; 5000]);
     }
     assert_eq!(handler.runs(), 6);
     assert_settled(
         &layer,
-        Stats {
-            miss: 6,
+        stats! {
+            miss: 2,
+            pass: 4,
             executions: 6,
-            ..Stats::default()
         },
     );
 }
@@ -521,9 +517,10 @@ async fn a_private_response_is_never_handed_to_another_caller() {
         let got = get_burst(&app, 3, &handler.gate).await;
         for got in &got {
             let run = got.run();
+            let expected = if run == 1 { "miss" } else { "pass" };
             assert_eq!(
                 got.view(),
-                (200, Some("miss"), &*format!("private to run {run}"))
+                (200, Some(expected), &*format!("private to run {run}"))
             );
             assert_eq!(got.header(name.as_str()), Some(&*value(run)), "{name}");
         }
@@ -533,15 +530,16 @@ async fn a_private_response_is_never_handed_to_another_caller() {
             "{name}: each caller ran the handler itself"
         );
 
+        // Remembered for the hit-for-pass window: the next request goes straight through.
         let next = send(app.clone(), anonymous_get()).await;
-        assert_eq!(next.view(), (200, Some("miss"), "private to run 4"));
+        assert_eq!(next.view(), (200, Some("pass"), "private to run 4"));
         assert_eq!(handler.runs(), 4);
         assert_settled(
             &layer,
-            Stats {
-                miss: 4,
+            stats! {
+                miss: 1,
+                pass: 3,
                 executions: 4,
-                ..Stats::default()
             },
         );
     }
@@ -571,11 +569,10 @@ async fn the_leader_s_client_disconnecting_does_not_stop_the_handler() {
     // The disconnected leader got no response, so no outcome is counted for it.
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             coalesced: 3,
             hit: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -613,12 +610,11 @@ async fn a_burst_inside_the_window_runs_nothing_and_after_it_runs_once() {
     }
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 6,
             hit: 4,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -641,13 +637,12 @@ async fn one_of_each(layer: &ParkingLayer) -> Vec<Got> {
     }
     assert_settled(
         layer,
-        Stats {
+        stats! {
             miss: 1,
             coalesced: 1,
             hit: 1,
             bypass: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
     got
@@ -721,12 +716,11 @@ async fn past_the_wait_timeout_a_request_runs_the_handler_itself_and_stores_noth
     assert_eq!(handler.runs(), 2);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             timeout: 1,
             hit: 1,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -746,11 +740,10 @@ async fn past_the_wait_timeout_a_request_gets_504_when_told_to() {
     assert_eq!(handler.runs(), 1);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             timeout: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -783,11 +776,10 @@ async fn a_stored_entry_that_does_not_decode_is_a_miss_and_is_overwritten() {
     assert_eq!(handler.runs(), 1);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             hit: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -822,18 +814,16 @@ async fn two_layers_on_one_backend_park_each_other() {
     assert_eq!(handler.runs(), 1);
     assert_settled(
         &first,
-        Stats {
+        stats! {
             miss: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
     assert_settled(
         &second,
-        Stats {
+        stats! {
             parked: 1,
             hit: 1,
-            ..Stats::default()
         },
     );
 }
@@ -857,11 +847,10 @@ async fn shared_across_users_serves_one_response_to_every_user() {
     assert_eq!(handler.runs(), 1);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             coalesced: 2,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -903,11 +892,10 @@ async fn by_header_shares_within_a_tenant_only() {
     assert_eq!(handler.runs(), 2);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 1,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -943,12 +931,11 @@ async fn a_key_closure_returning_none_bypasses() {
     assert_eq!(handler.runs(), 3);
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             hit: 1,
             bypass: 2,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -956,14 +943,20 @@ async fn a_key_closure_returning_none_bypasses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_a_real_socket_users_are_isolated_and_share_their_own_run() {
     // The default key, counted: a request has reached the layer once its key is taken.
-    let keyed = Tally::new();
-    let layer = ParkingLayer::new().ttl(MINUTE).key({
-        let keyed = keyed.clone();
-        move |parts: &Parts| {
-            keyed.add();
+    struct Counted(Tally);
+    impl KeyFn for Counted {
+        fn key(&self, parts: &Parts) -> Option<Key> {
+            self.0.add();
             PerUser.key(parts)
         }
-    });
+        fn separates_credentials(&self) -> bool {
+            PerUser.separates_credentials()
+        }
+    }
+    let keyed = Tally::new();
+    let layer = ParkingLayer::new()
+        .ttl(MINUTE)
+        .key(Counted(keyed.clone()));
     let handler = Work::held();
     let app = app(echo(&handler), &layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1056,11 +1049,10 @@ async fn the_layer_composes_with_route_layer_and_service_builder() {
     assert_eq!((outside.text(), outside.parking()), ("other 2", None));
     assert_settled(
         &layer,
-        Stats {
+        stats! {
             miss: 1,
             coalesced: 4,
             executions: 1,
-            ..Stats::default()
         },
     );
 }

@@ -157,11 +157,10 @@ async fn do_returns_the_value_once_and_keeps_it_for_the_window() {
     assert_eq!(work.runs(), 2);
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 2,
             hit: 1,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -193,12 +192,11 @@ async fn an_error_reaches_every_caller_and_nothing_is_stored() {
     assert_eq!(work.runs(), 2);
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 4,
             executions: 2,
             failures: 1,
-            ..Stats::default()
         },
     );
 }
@@ -219,11 +217,10 @@ async fn duplicates_are_suppressed(n: usize) {
     assert_eq!(work.runs(), 1);
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 1,
             coalesced: n as u64 - 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -275,12 +272,11 @@ async fn a_call_after_invalidate_joins_a_new_flight() {
     assert_eq!((old.runs(), new.runs()), (1, 1));
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 2,
             hit: 1,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -308,12 +304,11 @@ async fn a_panic_reaches_every_waiter_at_once() {
     );
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 9,
             executions: 2,
             failures: 1,
-            ..Stats::default()
         },
     );
 }
@@ -346,11 +341,10 @@ async fn cancelling_the_starting_caller_does_not_cancel_the_work() {
     // The cancelled starter got no outcome, so none is counted for it.
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             coalesced: 4,
             hit: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -381,12 +375,11 @@ async fn inside_the_window_nothing_runs_after_it_exactly_one_run() {
 
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 8,
             hit: 5,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -407,11 +400,10 @@ async fn a_zero_ttl_still_coalesces_but_keeps_nothing() {
     );
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 2,
             coalesced: 4,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -466,12 +458,11 @@ async fn past_the_wait_timeout_a_follower_runs_the_work_itself_and_stores_nothin
     );
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 1,
             timeout: 1,
             hit: 1,
             executions: 2,
-            ..Stats::default()
         },
     );
 }
@@ -492,11 +483,10 @@ async fn past_the_wait_timeout_a_follower_fails_when_told_to() {
     assert_eq!((leader_work.runs(), follower_work.runs()), (1, 0));
     assert_settled(
         &parker,
-        Stats {
+        stats! {
             miss: 1,
             timeout: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
 }
@@ -540,18 +530,16 @@ async fn two_parkers_on_one_backend_act_as_one() {
     assert_eq!(work.runs(), 1);
     assert_settled(
         &first,
-        Stats {
+        stats! {
             miss: 1,
             executions: 1,
-            ..Stats::default()
         },
     );
     assert_settled(
         &second,
-        Stats {
+        stats! {
             parked: 1,
             hit: 1,
-            ..Stats::default()
         },
     );
 }

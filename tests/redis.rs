@@ -18,7 +18,8 @@ use axum::{extract::Path, routing::get, Router};
 use bytes::Bytes;
 use http::{request::Parts, StatusCode};
 use support::{
-    acquired, counting_waits, eventually, quiet_deliberate_panics, redis_key, Gate, HttpClient,
+    acquired, counting_waits, eventually, payload, quiet_deliberate_panics, redis_key, sealed, Gate,
+    HttpClient,
     Instance, RedisServer, Reply, Resp, ServerProcess, Tally, DELIBERATE,
 };
 use tower_parking::{
@@ -196,19 +197,7 @@ fn assert_all_served(replies: &[Reply], body: &str) {
 
 /// The counters of every instance added up.
 fn total(instances: &[Instance]) -> Stats {
-    let mut sum = Stats::default();
-    for stats in instances.iter().map(Instance::stats) {
-        sum.hit += stats.hit;
-        sum.miss += stats.miss;
-        sum.coalesced += stats.coalesced;
-        sum.parked += stats.parked;
-        sum.bypass += stats.bypass;
-        sum.timeout += stats.timeout;
-        sum.executions += stats.executions;
-        sum.failures += stats.failures;
-        sum.backend_errors += stats.backend_errors;
-    }
-    sum
+    instances.iter().map(Instance::stats).sum()
 }
 
 /// Whether the `notify-keyspace-events` value `flags` includes every flag in `needed`
@@ -229,7 +218,7 @@ async fn four_instances_run_the_handler_once_for_200_callers() {
     let instances = leased_instances(4, &redis, Duration::from_secs(5), &parked, &app);
     let all: Vec<&Instance> = instances.iter().collect();
 
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
     let burst = client.spawn_get_all_ok(urls(&all, "/slow/one", 50));
     // Hold the leader until every request joined a flight and the three other instances are
     // parked on the lock, so each outcome below is determined.
@@ -287,7 +276,7 @@ async fn the_ttl_window_is_shared_across_instances() {
     let app = app(&runs, |_, _| async {});
     let instances = start_instances(3, &redis, |backend| backend, || parking(&parked, ttl), &app);
     let all: Vec<&Instance> = instances.iter().collect();
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let first = client.get(&instances[0].url("/slow/window")).await.unwrap();
     assert_eq!(
@@ -336,7 +325,7 @@ async fn a_leader_that_dies_mid_handler_costs_one_more_run_within_its_lease() {
         tokio::time::sleep(work).await;
     });
     let mut instances = leased_instances(3, &redis, lease, &parked, &app);
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let doomed = client.spawn_get(instances[0].url("/slow/dead"));
     runs.wait_for(1, SOON, "the leader's run").await;
@@ -400,7 +389,7 @@ async fn a_leader_finishing_between_the_followers_acquire_and_wait_wakes_it_at_o
             .ttl(Duration::from_secs(30)),
         app,
     );
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let led = client.spawn_get(leader.url("/slow/race"));
     runs.wait_for(1, SOON, "the leader's run").await;
@@ -447,14 +436,14 @@ async fn backend_wait_sees_a_store_or_release_that_happened_before_it() {
     assert!(a
         .complete(
             &lease_a,
-            Bytes::from_static(b"value"),
+            sealed(&lease_a, Duration::from_secs(30), b"value"),
             Duration::from_secs(30)
         )
         .await
         .unwrap());
     let started = Instant::now();
     match b.wait(&stored, Lookup::Check, deadline()).await.unwrap() {
-        Wake::Stored(bytes) => assert_eq!(bytes, Bytes::from_static(b"value")),
+        Wake::Stored(bytes) => assert_eq!(payload(&bytes), Bytes::from_static(b"value")),
         other => panic!("expected the stored value, got {other:?}"),
     }
     assert!(
@@ -490,7 +479,7 @@ async fn a_handler_longer_than_three_leases_still_runs_once() {
     let (lease, work) = (Duration::from_millis(300), Duration::from_millis(1200));
     let app = app(&runs, move |_, _| tokio::time::sleep(work));
     let instances = leased_instances(2, &redis, lease, &parked, &app);
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let started = Instant::now();
     let first = client.spawn_get(instances[0].url("/slow/long"));
@@ -558,29 +547,30 @@ async fn a_fenced_out_leader_cannot_store_over_its_successor() {
     );
     assert!(
         !first
-            .complete(&old, Bytes::from_static(b"stale"), ttl)
+            .complete(&old, sealed(&old, ttl, b"stale"), ttl)
             .await
             .unwrap(),
         "the fenced-out leader's store is refused while the successor runs"
     );
     assert!(second
-        .complete(&new, Bytes::from_static(b"fresh"), ttl)
+        .complete(&new, sealed(&new, ttl, b"fresh"), ttl)
         .await
         .unwrap());
     assert!(
         !first
-            .complete(&old, Bytes::from_static(b"stale"), ttl)
+            .complete(&old, sealed(&old, ttl, b"stale"), ttl)
             .await
             .unwrap(),
         "the fenced-out leader's store is refused after the successor stored"
     );
     match first.acquire(&key, short, Lookup::Check).await.unwrap() {
-        Acquire::Fresh(bytes) => assert_eq!(bytes, Bytes::from_static(b"fresh")),
+        Acquire::Fresh(bytes) => assert_eq!(payload(&bytes), Bytes::from_static(b"fresh")),
         other => panic!("expected the successor's value, got {other:?}"),
     }
-    assert_eq!(
-        redis.cmd(&["GET", &redis_key(&key, "resp")]).text(),
-        "fresh"
+    let raw = redis.cmd(&["GET", &redis_key(&key, "resp")]).text();
+    assert!(
+        raw.starts_with("0 TP2 ") && raw.ends_with("\nfresh"),
+        "generation 0, the successor's entry: {raw}"
     );
 
     // A leader that overran its lease but was not replaced may still store (the trait's contract).
@@ -595,11 +585,11 @@ async fn a_fenced_out_leader_cannot_store_over_its_successor() {
         Wake::Released
     ));
     assert!(first
-        .complete(&lease, Bytes::from_static(b"late"), ttl)
+        .complete(&lease, sealed(&lease, ttl, b"late"), ttl)
         .await
         .unwrap());
     assert!(
-        matches!(second.acquire(&late, short, Lookup::Check).await.unwrap(), Acquire::Fresh(bytes) if bytes == "late")
+        matches!(second.acquire(&late, short, Lookup::Check).await.unwrap(), Acquire::Fresh(bytes) if payload(&bytes) == "late")
     );
 }
 
@@ -641,7 +631,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
         &app,
     );
     let (a, b) = (&instances[0], &instances[1]);
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     // 1. Redis dies while a leader runs in `a` and `b` is parked behind it.
     let at_a = client.spawn_get_all_ok(urls(&[a], "/slow/down", 5));
@@ -767,7 +757,7 @@ async fn with_redis_down_fail_closed_answers_503_at_once_and_runs_nothing() {
         || parking(&parked, Duration::from_secs(30)),
         &app,
     );
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
     let before = client.get(&instances[0].url("/slow/up")).await.unwrap();
     assert_eq!((before.status, before.outcome()), (StatusCode::OK, "miss"));
 
@@ -902,12 +892,16 @@ async fn enabling_keyspace_events_merges_the_flags_and_parks_across_backends() {
     })
     .await;
     assert!(leader
-        .complete(&lease, Bytes::from_static(b"done"), Duration::from_secs(30))
+        .complete(
+            &lease,
+            sealed(&lease, Duration::from_secs(30), b"done"),
+            Duration::from_secs(30)
+        )
         .await
         .unwrap());
     let completed = Instant::now();
     let (wake, woke) = waiting.await.unwrap();
-    assert!(matches!(wake.unwrap(), Wake::Stored(bytes) if bytes == "done"));
+    assert!(matches!(wake.unwrap(), Wake::Stored(bytes) if payload(&bytes) == "done"));
     let latency = woke.duration_since(completed);
     assert!(
         latency < Duration::from_millis(500),
@@ -938,7 +932,7 @@ async fn a_panic_in_the_leader_instance_releases_remote_followers_and_one_retrie
         }
     });
     let instances = leased_instances(3, &redis, lease, &parked, &app);
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let at_leader = client.spawn_get_all_ok(urls(&[&instances[0]], "/slow/boom", 3));
     runs.wait_for(1, SOON, "the leader's run").await;
@@ -982,13 +976,20 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
     let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
     let key = resp_key("/slow/corrupt");
     assert_eq!(
-        redis.cmd(&["SET", &key, "not a stored response", "PX", "30000"]),
+        redis.cmd(&[
+            "SET",
+            &key,
+            // Generation 0, an entry fresh for ever, whose value is not a stored response.
+            "0 TP2 1 9999999999999999 9999999999999999 0 0 V\nnot a stored response",
+            "PX",
+            "30000"
+        ]),
         Resp::Simple("OK".into())
     );
     let app = app(&runs, gated(&gate));
     let instances = leased_instances(2, &redis, Duration::from_secs(5), &parked, &app);
     let all: Vec<&Instance> = instances.iter().collect();
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let first = client.spawn_get(instances[0].url("/slow/corrupt"));
     runs.wait_for(1, SOON, "the leader's run").await;
@@ -1018,7 +1019,8 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
     assert!(
         stored
             .bytes()
-            .is_some_and(|bytes| bytes.starts_with(b"TPR1")),
+            .is_some_and(|bytes| bytes.starts_with(b"0 TP2 ")
+                && bytes.windows(4).any(|window| window == b"TPR2")),
         "the corrupt value was overwritten: {stored:?}"
     );
     let later = client.get_all_ok(urls(&all, "/slow/corrupt", 3)).await;
@@ -1055,7 +1057,7 @@ async fn separate_server_processes_run_the_handler_once() {
     })
     .await
     .unwrap();
-    let client = HttpClient::new();
+    let client = HttpClient::with_host("app.example");
 
     let urls: Vec<String> = (0..10)
         .flat_map(|_| servers.iter().map(|server| server.url("/slow/shared")))

@@ -17,7 +17,7 @@ use tower_parking::{
 
 mod support;
 
-use support::{acquired, eventually, redis_key, RedisServer, TempDir};
+use support::{acquired, eventually, payload, redis_key, sealed, RedisServer, TempDir};
 
 /// A plain client, to look at and poke the server from outside the backend.
 async fn inspector(server: &RedisServer) -> Client {
@@ -68,12 +68,12 @@ async fn one_leader_then_the_stored_value_for_everyone() {
         other => panic!("a second caller must find the lock held, got {other:?}"),
     }
     assert!(a
-        .complete(&lease, Bytes::from_static(b"report"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"report"), TTL)
         .await
         .unwrap());
     for backend in [&a, &b] {
         match backend.acquire(&key, LEASE, Lookup::Check).await.unwrap() {
-            Acquire::Fresh(value) => assert_eq!(value, "report"),
+            Acquire::Fresh(value) => assert_eq!(payload(&value), "report"),
             other => panic!("expected the stored value, got {other:?}"),
         }
     }
@@ -110,22 +110,22 @@ async fn a_fenced_out_leader_cannot_store_or_renew() {
 
     assert!(!a.renew(&stale).await.unwrap(), "the stale lease renewed");
     assert!(
-        !a.complete(&stale, Bytes::from_static(b"stale"), TTL)
+        !a.complete(&stale, sealed(&stale, TTL, b"stale"), TTL)
             .await
             .unwrap(),
         "the stale leader stored over a live one"
     );
     assert!(b
-        .complete(&later, Bytes::from_static(b"fresh"), TTL)
+        .complete(&later, sealed(&later, TTL, b"fresh"), TTL)
         .await
         .unwrap());
     // Even after the later leader finished, the stale one is still refused.
     assert!(!a
-        .complete(&stale, Bytes::from_static(b"stale"), TTL)
+        .complete(&stale, sealed(&stale, TTL, b"stale"), TTL)
         .await
         .unwrap());
     match a.acquire(&key, LEASE, Lookup::Check).await.unwrap() {
-        Acquire::Fresh(value) => assert_eq!(value, "fresh"),
+        Acquire::Fresh(value) => assert_eq!(payload(&value), "fresh"),
         other => panic!("expected the later leader's value, got {other:?}"),
     }
 }
@@ -145,7 +145,7 @@ async fn a_leader_that_lost_its_lease_to_nobody_may_still_store() {
         Wake::Released
     ));
     assert!(a
-        .complete(&lease, Bytes::from_static(b"late"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"late"), TTL)
         .await
         .unwrap());
 }
@@ -158,7 +158,7 @@ async fn invalidate_forgets_the_value_and_fences_out_the_running_leader() {
 
     let first = acquired(a.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     assert!(a
-        .complete(&first, Bytes::from_static(b"old"), TTL)
+        .complete(&first, sealed(&first, TTL, b"old"), TTL)
         .await
         .unwrap());
     let running = acquired({
@@ -167,14 +167,14 @@ async fn invalidate_forgets_the_value_and_fences_out_the_running_leader() {
     });
     a.invalidate(&key).await.unwrap();
     assert!(
-        !a.complete(&running, Bytes::from_static(b"stale"), TTL)
+        !a.complete(&running, sealed(&running, TTL, b"stale"), TTL)
             .await
             .unwrap(),
         "a leader that started before the invalidation stored its value"
     );
     assert!(matches!(
         a.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
-        Acquire::Acquired(_)
+        Acquire::Acquired(..)
     ));
 }
 
@@ -212,7 +212,7 @@ async fn renewal_keeps_the_lock_past_its_lease() {
     a.release(&lease).await.unwrap();
     assert!(matches!(
         b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
-        Acquire::Acquired(_)
+        Acquire::Acquired(..)
     ));
 }
 
@@ -244,13 +244,13 @@ async fn a_parked_follower_wakes_on_complete_long_before_the_lease() {
 
     let completed = Instant::now();
     assert!(leader
-        .complete(&lease, Bytes::from_static(b"done"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"done"), TTL)
         .await
         .unwrap());
     let (wake, woken) = waiter.await.unwrap();
     let wake = wake.unwrap();
     match wake {
-        Wake::Stored(value) => assert_eq!(value, "done"),
+        Wake::Stored(value) => assert_eq!(payload(&value), "done"),
         other => panic!("expected the stored value, got {other:?}"),
     }
     let latency = woken - completed;
@@ -298,7 +298,7 @@ async fn a_wait_that_starts_after_the_leader_finished_returns_at_once() {
     ));
     // The leader finishes between the follower's failed acquire and its wait.
     assert!(leader
-        .complete(&lease, Bytes::from_static(b"v"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"v"), TTL)
         .await
         .unwrap());
     let started = Instant::now();
@@ -394,11 +394,11 @@ async fn two_connections_per_backend_however_many_waits() {
     let completed = Instant::now();
     for lease in &leases {
         let value = Bytes::from(format!("value of {}", lease.key()));
-        assert!(leader.complete(lease, value, TTL).await.unwrap());
+        assert!(leader.complete(lease, sealed(lease, TTL, &value), TTL).await.unwrap());
     }
     for (key, waiter) in keys.iter().zip(waiters) {
         match waiter.await.unwrap() {
-            Wake::Stored(value) => assert_eq!(value, format!("value of {key}")),
+            Wake::Stored(value) => assert_eq!(payload(&value), format!("value of {key}")),
             other => panic!("expected the stored value, got {other:?}"),
         }
     }
@@ -470,7 +470,7 @@ async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
     let waiter = parked_waiter(&follower, &key, None).await;
     let completed = Instant::now();
     assert!(leader
-        .complete(&lease, Bytes::from_static(b"back"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"back"), TTL)
         .await
         .unwrap());
     let (wake, woken) = waiter.await.unwrap();
@@ -513,7 +513,7 @@ async fn a_slow_redis_fails_each_command_within_the_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert!(matches!(
         other.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
-        Acquire::Acquired(_)
+        Acquire::Acquired(..)
     ));
 }
 
@@ -533,7 +533,7 @@ async fn a_fence_counter_created_again_still_only_grows() {
     backend.release(&second).await.unwrap();
     assert!(
         !backend
-            .complete(&first, Bytes::from_static(b"stale"), TTL)
+            .complete(&first, sealed(&first, TTL, b"stale"), TTL)
             .await
             .unwrap(),
         "a stale leader passed for a later one"
@@ -553,7 +553,7 @@ async fn scripts_are_loaded_again_after_a_script_flush() {
             .unwrap(),
     );
     assert!(backend
-        .complete(&lease, Bytes::from_static(b"v"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"v"), TTL)
         .await
         .unwrap());
 }
@@ -718,7 +718,7 @@ async fn settings_are_reported_and_databases_are_separate() {
     let waiter = parked_waiter(&other, &key, None).await;
     let completed = Instant::now();
     assert!(backend
-        .complete(&lease, Bytes::from_static(b"3"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"3"), TTL)
         .await
         .unwrap());
     let (wake, woken) = waiter.await.unwrap();
@@ -730,7 +730,7 @@ async fn settings_are_reported_and_databases_are_separate() {
     let db0 = backend_on(&server.url(), "app:").await;
     assert!(matches!(
         db0.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
-        Acquire::Acquired(_)
+        Acquire::Acquired(..)
     ));
     let other_prefix = backend_on(&format!("{}/3", server.url()), "other:").await;
     assert!(matches!(
@@ -738,7 +738,7 @@ async fn settings_are_reported_and_databases_are_separate() {
             .acquire(&key, LEASE, Lookup::Check)
             .await
             .unwrap(),
-        Acquire::Acquired(_)
+        Acquire::Acquired(..)
     ));
 }
 
@@ -792,7 +792,7 @@ async fn read_until_kept(backend: &RedisBackend, key: &Key, expected: &str) {
         &format!("{expected} to be kept"),
         || async {
             match backend.acquire(key, LEASE, Lookup::Check).await.unwrap() {
-                Acquire::Fresh(value) => assert_eq!(value, expected),
+                Acquire::Fresh(value) => assert_eq!(payload(&value), expected),
                 other => panic!("expected the stored value, got {other:?}"),
             }
             backend
@@ -832,7 +832,7 @@ async fn hits_are_served_locally_until_the_value_changes_anywhere() {
 
     let lease = acquired(a.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     assert!(a
-        .complete(&lease, Bytes::from_static(b"v1"), TTL)
+        .complete(&lease, sealed(&lease, TTL, b"v1"), TTL)
         .await
         .unwrap());
     read_until_kept(&b, &key, "v1").await;
@@ -848,7 +848,7 @@ async fn hits_are_served_locally_until_the_value_changes_anywhere() {
     // A value written behind the backend's back (another version, an operator) drops it too.
     assert!(matches!(
         b.acquire(&key, LEASE, Lookup::Check).await.unwrap(),
-        Acquire::Acquired(_)
+        Acquire::Acquired(..)
     ));
     let inspector = inspector(&server).await;
     let resp = redis_key(&key, "resp");

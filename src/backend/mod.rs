@@ -6,7 +6,8 @@
 //! `RedisBackend` (feature `redis`) shares windows and locks across every process that talks to
 //! the same Redis.
 //!
-//! All values cross this trait as encoded bytes, so a backend never knows what it stores.
+//! All values cross this trait as stored entries: a [`Stamp`] (whose lease wrote it, until when it
+//! is fresh) followed by the encoded value, so a backend never knows what it stores.
 
 use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -18,8 +19,12 @@ use crate::Key;
 mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod stamp;
 
 pub use memory::MemoryBackend;
+pub use stamp::{EntryKind, Stamp};
+#[cfg(all(test, feature = "redis"))]
+pub(crate) use stamp::LUA_HEAD_PATTERN;
 #[cfg(feature = "redis")]
 pub use redis::{RedisBackend, RedisBackendBuilder, RedisSetupError};
 
@@ -31,18 +36,23 @@ pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendErr
 ///
 /// The protocol, in the order the parker uses it:
 ///
-/// 1. [`acquire`](Backend::acquire): return the fresh stored value if there is one, else try to
-///    take the key's lock for `lease`. One round trip for hits, misses and followers alike.
+/// 1. [`acquire`](Backend::acquire): return the stored entry if it is fresh ([`Stamp::open`],
+///    [`Stamp::is_fresh`]), else try to take the key's lock for `lease`. One round trip for hits,
+///    misses and followers alike.
 /// 2. The leader runs the work, calling [`renew`](Backend::renew) every
 ///    [`LeaseSettings::renew_every`], then [`complete`](Backend::complete) (store and release in
 ///    one step) or [`release`](Backend::release) (nothing to store).
 /// 3. A caller that found the lock [`Held`](Acquire::Held) calls [`wait`](Backend::wait), which
-///    returns once a value is stored, the lock is gone, or the deadline passed. It must not lose a
-///    wake-up: a value stored or a lock released at any moment after the failed `acquire` ends
-///    the wait.
+///    returns once the leader stored its entry, the lock is gone, or the deadline passed. It must
+///    not lose a wake-up: an entry stored or a lock released at any moment after the failed
+///    `acquire` ends the wait.
+///
+/// Keys group by their [URI part](Key::uri_part): [`invalidate`](Backend::invalidate) drops every
+/// variant of one URI at once.
 pub trait Backend: Send + Sync + 'static {
-    /// Looks up the fresh value for `key` (unless `lookup` is [`Lookup::Skip`]) and, when there is
-    /// none, tries to take the key's lock for `lease`.
+    /// Looks up the stored entry for `key` and returns it if it is fresh (unless `lookup` is
+    /// [`Lookup::Skip`]); otherwise tries to take the key's lock for `lease`, and on success hands
+    /// over the entry still stored, stale, for the leader to revalidate.
     fn acquire<'a>(
         &'a self,
         key: &'a Key,
@@ -54,26 +64,27 @@ pub trait Backend: Send + Sync + 'static {
     /// and maybe another leader took over).
     fn renew<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, bool>;
 
-    /// Stores `value` for `ttl` and releases the lock, in one step, if the caller still holds the
-    /// lease or nobody took the lock since it was lost. `Ok(false)` means the store was refused
-    /// because a later leader exists: a leader that lost its lease never overwrites another's
-    /// value.
+    /// Stores `entry` for `keep` and releases the lock, in one step, if the caller still holds the
+    /// lease or nobody took the lock since it was lost, and the key's URI was not invalidated
+    /// since the lease was taken. `Ok(false)` means the store was refused: a leader that lost its
+    /// lease never overwrites another's entry, and a run that began before a write never stores
+    /// what the write changed.
     fn complete<'a>(
         &'a self,
         lease: &'a Lease,
-        value: Bytes,
-        ttl: Duration,
+        entry: Bytes,
+        keep: Duration,
     ) -> BackendFuture<'a, bool>;
 
     /// Releases the lock without storing anything, if the caller still holds it.
     fn release<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, ()>;
 
-    /// Waits until a value is stored for `key`, its lock is released or expires, or `deadline`
-    /// passes (`None`: no deadline; the lock's expiry still bounds the wait).
+    /// Waits until the leader holding `key`'s lock (or a later one) stored its entry, the lock is
+    /// released or expires, or `deadline` passes (`None`: no deadline; the lock's expiry still
+    /// bounds the wait). A fresh entry ends the wait too, unless `lookup` is [`Lookup::Skip`].
     ///
-    /// With [`Lookup::Skip`] the stored value is known not to decode: the wait ignores it and ends
-    /// only when the lock is gone (the leader's `complete` stores and releases in one step, so the
-    /// caller then finds the new value with [`Lookup::Check`]).
+    /// The leader's entry ends the wait even when it is not fresh: a run whose value may not be
+    /// kept is still handed to the callers that waited for it.
     fn wait<'a>(
         &'a self,
         key: &'a Key,
@@ -81,8 +92,9 @@ pub trait Backend: Send + Sync + 'static {
         deadline: Option<Instant>,
     ) -> BackendFuture<'a, Wake>;
 
-    /// Forgets the stored value for `key` and fences out the current leader, if any: its
-    /// `complete` will be refused, so the next caller runs the work again.
+    /// Forgets the stored entries of every key with `key`'s URI part (every variant) and fences
+    /// out their current leaders, if any: their `complete` will be refused, so the next caller of
+    /// each runs the work again.
     fn invalidate<'a>(&'a self, key: &'a Key) -> BackendFuture<'a, ()>;
 
     /// How long leases last and how often the leader renews them.
@@ -95,8 +107,9 @@ pub trait Backend: Send + Sync + 'static {
         FailurePolicy::FailOpen
     }
 
-    /// A synchronous look at the stored value, for backends that can answer without I/O (the
-    /// memory backend). `None` means "ask [`acquire`](Backend::acquire)".
+    /// A synchronous look at the stored entry, fresh or not, for backends that can answer
+    /// without I/O (the memory backend, a local copy). `None` means "ask
+    /// [`acquire`](Backend::acquire)".
     fn peek(&self, _key: &Key) -> Option<Bytes> {
         None
     }
@@ -117,10 +130,10 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
     fn complete<'a>(
         &'a self,
         lease: &'a Lease,
-        value: Bytes,
-        ttl: Duration,
+        entry: Bytes,
+        keep: Duration,
     ) -> BackendFuture<'a, bool> {
-        (**self).complete(lease, value, ttl)
+        (**self).complete(lease, entry, keep)
     }
     fn release<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, ()> {
         (**self).release(lease)
@@ -150,19 +163,20 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
 /// Whether [`Backend::acquire`] should look for a stored value first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
-    /// Return the stored value if it is fresh.
+    /// Return the stored entry if it is fresh.
     Check,
-    /// Go straight for the lock (the stored value did not decode and will be overwritten).
+    /// Go straight for the lock (the stored entry did not decode and will be overwritten).
     Skip,
 }
 
 /// The answer of [`Backend::acquire`].
 #[derive(Debug)]
 pub enum Acquire {
-    /// A fresh value is stored: serve it.
+    /// A fresh entry is stored: serve it.
     Fresh(Bytes),
-    /// The caller is the leader: run the work, then `complete` or `release`.
-    Acquired(Lease),
+    /// The caller is the leader: run the work, then `complete` or `release`. With it, the entry
+    /// still stored for the key (stale), if any.
+    Acquired(Lease, Option<Bytes>),
     /// Another leader holds the lock; it expires in `expires_in` unless renewed.
     Held {
         /// The lock's remaining time to live, as the backend saw it.
@@ -173,7 +187,7 @@ pub enum Acquire {
 /// The answer of [`Backend::wait`].
 #[derive(Debug)]
 pub enum Wake {
-    /// The leader stored this value.
+    /// The leader stored this entry (or a fresh one is stored).
     Stored(Bytes),
     /// The lock is gone and nothing is stored: try to acquire again.
     Released,

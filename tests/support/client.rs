@@ -41,7 +41,10 @@ impl Reply {
 
 /// A pooled HTTP/1 client.
 #[derive(Clone, Debug)]
-pub struct HttpClient(Client<HttpConnector, Empty<Bytes>>);
+pub struct HttpClient {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    host: Option<http::HeaderValue>,
+}
 
 impl Default for HttpClient {
     fn default() -> Self {
@@ -52,7 +55,19 @@ impl Default for HttpClient {
 impl HttpClient {
     /// A new client with its own connection pool.
     pub fn new() -> Self {
-        Self(Client::builder(TokioExecutor::new()).build_http())
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            host: None,
+        }
+    }
+
+    /// A client that names `host` in every request's `Host`, whichever server it connects to:
+    /// what servers behind a load balancer see.
+    pub fn with_host(host: &'static str) -> Self {
+        Self {
+            host: Some(http::HeaderValue::from_static(host)),
+            ..Self::new()
+        }
     }
 
     /// `GET url`. `Err` says why there was no complete response (connection refused or reset,
@@ -61,9 +76,16 @@ impl HttpClient {
         let started = Instant::now();
         let request = async {
             let uri: http::Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
+            let mut request = http::Request::get(uri);
+            if let Some(host) = &self.host {
+                request = request.header(http::header::HOST, host);
+            }
+            let request = request
+                .body(Empty::new())
+                .map_err(|e| format!("bad request {url}: {e}"))?;
             let response = self
-                .0
-                .get(uri)
+                .client
+                .request(request)
                 .await
                 .map_err(|e| format!("GET {url}: {e}"))?;
             let status = response.status();

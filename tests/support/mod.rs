@@ -7,6 +7,18 @@
 //! part of it.
 #![allow(dead_code, unused_imports, unreachable_pub)]
 
+/// A `Stats` with the named counters set and every other one zero (`Stats` is
+/// `#[non_exhaustive]`, so it has no struct expression outside the crate).
+#[macro_export]
+macro_rules! stats {
+    ($($field:ident: $value:expr),* $(,)?) => {{
+        #[allow(unused_mut)]
+        let mut stats = tower_parking::Stats::default();
+        $(stats.$field = $value;)*
+        stats
+    }};
+}
+
 #[cfg(feature = "redis")]
 mod backend;
 mod choreography;
@@ -19,7 +31,7 @@ mod redis_server;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(feature = "redis")]
-pub use backend::{acquired, redis_key};
+pub use backend::{acquired, payload, redis_key, sealed};
 pub use choreography::{
     burst, counting_waits, eventually, join_spawned, quiet_deliberate_panics, spawn_burst,
     spawn_joined, tracked, within, Gate, Tally, Work, DELIBERATE, HANG,

@@ -368,19 +368,21 @@ async fn notifications_arrive(backend: &RedisBackend) -> Result<bool, FredError>
     let nonce = inner.nonces.next();
     let [stored, deleted, expired] =
         ["set", "del", "expired"].map(|event| format!("probe-{event}-{nonce}"));
-    let registrations = [&stored, &deleted, &expired].map(|hash| inner.waiters.register(hash));
+    // Waiters register under `<uri hash>:<variant hash>`; the probes' variant part is `p`.
+    let registrations =
+        [&stored, &deleted, &expired].map(|uri| inner.waiters.register(&format!("{uri}:p")));
     let [stored_seen, deleted_seen, expired_seen] = [0, 1, 2].map(|i| registrations[i].armed());
 
     let _: () = client
         .set(
-            format!("{prefix}{{{stored}}}:resp"),
+            format!("{prefix}{{{stored}}}:p:resp"),
             "probe",
             Some(Expiration::PX(1_000)),
             None,
             false,
         )
         .await?;
-    let deleted_lock = format!("{prefix}{{{deleted}}}:lock");
+    let deleted_lock = format!("{prefix}{{{deleted}}}:p:lock");
     let _: () = client
         .set(
             &deleted_lock,
@@ -391,7 +393,7 @@ async fn notifications_arrive(backend: &RedisBackend) -> Result<bool, FredError>
         )
         .await?;
     let _: i64 = client.del(&deleted_lock).await?;
-    let expired_lock = format!("{prefix}{{{expired}}}:lock");
+    let expired_lock = format!("{prefix}{{{expired}}}:p:lock");
     let _: () = client
         .set(&expired_lock, "probe", Some(Expiration::PX(1)), None, false)
         .await?;

@@ -102,6 +102,18 @@ impl LocalWindow {
         }
     }
 
+    /// Drops the copies of every variant of the URI with this hash: it was invalidated.
+    pub(super) fn forget_uri(&self, uri: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.copies.retain(|hash, copy| {
+            let other_uri = hash.split(':').next() != Some(uri);
+            if !other_uri {
+                self.bytes.fetch_sub(copy.value.len(), Ordering::Relaxed);
+            }
+            other_uri
+        });
+    }
+
     /// Drops every copy: notifications may have been lost.
     pub(super) fn clear(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);

@@ -1,19 +1,21 @@
 //! The Redis backend: windows and locks shared by every process on one Redis.
 //!
-//! For a parking key `K` with hash `H` (the first 128 bits of SHA-256 of `K`, in hex, see
-//! [`Key::digest_hex`]) and the prefix `P` (default `parking:`) it uses three Redis keys, whose
-//! braces are a cluster hash tag that keeps them in one slot:
+//! For a parking key with URI part hash `U` and variant part hash `V` (the first 128 bits of
+//! SHA-256 of each, in hex, see [`Key::uri_digest_hex`]) and the prefix `P` (default `parking:`)
+//! it uses four Redis keys, whose braces are a cluster hash tag that keeps every variant of one
+//! URI in one slot:
 //!
 //! | key | holds | lives |
 //! |---|---|---|
-//! | `P{H}:resp` | the stored value | `PX ttl` |
-//! | `P{H}:lock` | `<fence>:<nonce>`, the leader's token | `PX lease`, renewed |
-//! | `P{H}:fence` | a counter that orders acquisitions | a few leases |
+//! | `P{U}:V:resp` | `<generation> <entry>`: the stored entry | `PX keep` |
+//! | `P{U}:V:lock` | `<fence>:<nonce>:<generation>`, the leader's token | `PX lease`, renewed |
+//! | `P{U}:V:fence` | a counter that orders acquisitions | a few leases |
+//! | `P{U}:gen` | the URI's generation, moved on by every invalidation | a day |
 //!
 //! Every operation is one Lua script (one round trip). Followers wait on keyspace notifications
-//! through one subscriber connection per backend. Values read from Redis are kept in a local
-//! window until they expire there, so a warm key is served without a round trip; the same
-//! notifications drop a copy as soon as its value changes in Redis.
+//! through one subscriber connection per backend. Entries read from Redis are kept in a local
+//! window, so a warm key is served without a round trip; the same notifications drop a copy as
+//! soon as its entry (or its URI's generation) changes in Redis.
 
 use std::{
     collections::hash_map::RandomState,
@@ -137,12 +139,20 @@ impl fmt::Debug for RedisBackend {
 
 /// The Redis key names of one parking key.
 struct RedisKeys {
-    /// The parking key's digest: the name its waiters register under.
+    /// `U:V`, the digests of the key's parts: the name its waiters and local copy go under.
     hash: String,
+    /// `U`, the digest of the key's URI part.
+    uri: String,
     resp: String,
     lock: String,
     fence: String,
+    gen: String,
 }
+
+/// How long a URI's generation lives after its last invalidation. Safety does not depend on it:
+/// a generation that expired reads as `0`, which no entry stored since its first invalidation
+/// carries, and one created again starts above every earlier number.
+const GEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Unique lock tokens: a random per-backend part and a counter.
 #[derive(Debug)]
@@ -201,12 +211,14 @@ impl RedisBackend {
 
     fn keys(&self, key: &Key) -> RedisKeys {
         let prefix = &self.inner.prefix;
-        let hash = key.digest_hex();
+        let (uri, variant) = (key.uri_digest_hex(), key.variant_digest_hex());
         RedisKeys {
-            resp: format!("{prefix}{{{hash}}}:resp"),
-            lock: format!("{prefix}{{{hash}}}:lock"),
-            fence: format!("{prefix}{{{hash}}}:fence"),
-            hash,
+            resp: format!("{prefix}{{{uri}}}:{variant}:resp"),
+            lock: format!("{prefix}{{{uri}}}:{variant}:lock"),
+            fence: format!("{prefix}{{{uri}}}:{variant}:fence"),
+            gen: format!("{prefix}{{{uri}}}:gen"),
+            hash: format!("{uri}:{variant}"),
+            uri,
         }
     }
 
@@ -252,25 +264,43 @@ impl RedisBackend {
         }
     }
 
-    /// Looks at the stored value and the lock without taking anything.
-    async fn peek_remote(&self, keys: &RedisKeys, lookup: Lookup) -> Result<Peeked, BackendError> {
+    /// Looks at the stored entry and the lock without taking anything.
+    async fn peek_remote(
+        &self,
+        keys: &RedisKeys,
+        lookup: Lookup,
+        awaited: &str,
+    ) -> Result<Peeked, BackendError> {
         let generation = self.inner.local.generation();
         let reply = self
             .run(
                 "wait",
                 &self.inner.scripts.peek,
-                vec![keys.resp.clone(), keys.lock.clone()],
-                vec![lookup_arg(lookup)],
+                vec![keys.resp.clone(), keys.lock.clone(), keys.gen.clone()],
+                vec![
+                    lookup_arg(lookup),
+                    crate::clock::now().to_string().into(),
+                    awaited.into(),
+                ],
             )
             .await?;
-        match Reply::parse("wait", reply)? {
-            Reply::Fresh(value, pttl) => {
-                Ok(Peeked::Stored(self.keep(keys, value, pttl, generation)))
+        let mut items = reply.into_array().into_iter();
+        let tag = items.next().and_then(|tag| tag.as_string());
+        let peeked = match tag.as_deref() {
+            Some("stored") => items
+                .next()
+                .and_then(Value::into_bytes)
+                .map(|entry| Peeked::Stored(self.keep(keys, entry, None, generation))),
+            Some("held") => {
+                let pttl = items.next().and_then(|pttl| pttl.as_i64());
+                let awaited = items.next().and_then(|fence| fence.into_string());
+                pttl.zip(awaited)
+                    .map(|(pttl, awaited)| Peeked::Held(self.remaining(pttl), awaited))
             }
-            Reply::Held(-2) => Ok(Peeked::Free),
-            Reply::Held(pttl) => Ok(Peeked::Held(self.remaining(pttl))),
-            Reply::Acquired { .. } => Err(unexpected("wait", "an acquisition")),
-        }
+            Some("free") => Some(Peeked::Free),
+            _ => None,
+        };
+        peeked.ok_or_else(|| unexpected("wait", "a malformed reply"))
     }
 
     /// Releases the lock an acquire that timed out may still take when a slow Redis gets to it, so
@@ -279,7 +309,7 @@ impl RedisBackend {
     fn abandon(&self, lock: String, nonce: String) {
         let backend = self.clone();
         tokio::spawn(async move {
-            let suffix = format!(":{nonce}");
+            let suffix = format!(":{nonce}:");
             let scripts = &backend.inner.scripts;
             if let Err(failure) = backend
                 .run("abandon", &scripts.abandon, vec![lock], vec![suffix.into()])
@@ -290,15 +320,21 @@ impl RedisBackend {
         });
     }
 
-    /// Keeps a copy of a value just read from Redis in the local window, until it expires there.
-    fn keep(&self, keys: &RedisKeys, value: Bytes, pttl: i64, generation: u64) -> Bytes {
-        if let Ok(pttl) = u64::try_from(pttl) {
-            let expires = Instant::now() + Duration::from_millis(pttl);
+    /// Keeps a copy of an entry just read from Redis in the local window, until it is no longer
+    /// kept there (its `PTTL`, or the end of its keep time when that is not known).
+    fn keep(&self, keys: &RedisKeys, entry: Bytes, pttl: Option<i64>, generation: u64) -> Bytes {
+        let keep_for = match pttl {
+            Some(pttl) => u64::try_from(pttl).ok().map(Duration::from_millis),
+            None => crate::backend::Stamp::open(&entry).map(|(stamp, _)| {
+                crate::clock::between(crate::clock::now(), stamp.keep_until)
+            }),
+        };
+        if let Some(keep_for) = keep_for {
             self.inner
                 .local
-                .keep(&keys.hash, value.clone(), expires, generation);
+                .keep(&keys.hash, entry.clone(), Instant::now() + keep_for, generation);
         }
-        value
+        entry
     }
 
     /// A lock's remaining life from its `PTTL` (-1, no expiry, which only a foreign writer could
@@ -323,7 +359,8 @@ impl From<Failure> for BackendError {
 
 enum Peeked {
     Stored(Bytes),
-    Held(Duration),
+    /// The lock's remaining life, and the fence of the leader whose entry the wait is for.
+    Held(Duration, String),
     Free,
 }
 
@@ -334,6 +371,7 @@ enum Reply {
     Acquired {
         fence: u64,
         token: String,
+        stale: Option<Bytes>,
     },
     Held(i64),
 }
@@ -354,9 +392,14 @@ impl Reply {
             Some("acquired") => {
                 let fence = items.next().and_then(|fence| fence.as_u64());
                 let token = items.next().and_then(|token| token.into_string());
+                let stale = items.next().and_then(Value::into_bytes);
                 fence
                     .zip(token)
-                    .map(|(fence, token)| Reply::Acquired { fence, token })
+                    .map(|(fence, token)| Reply::Acquired {
+                        fence,
+                        token,
+                        stale,
+                    })
             }
             _ => None,
         };
@@ -401,12 +444,18 @@ impl Backend for RedisBackend {
                 .run(
                     "acquire",
                     &self.inner.scripts.acquire,
-                    vec![keys.resp.clone(), keys.lock.clone(), keys.fence.clone()],
+                    vec![
+                        keys.resp.clone(),
+                        keys.lock.clone(),
+                        keys.fence.clone(),
+                        keys.gen.clone(),
+                    ],
                     vec![
                         lookup_arg(lookup),
                         millis(lease),
                         nonce.as_str().into(),
                         millis(Self::fence_ttl(lease)),
+                        crate::clock::now().to_string().into(),
                     ],
                 )
                 .await;
@@ -421,11 +470,13 @@ impl Backend for RedisBackend {
             };
             Ok(match Reply::parse("acquire", reply)? {
                 Reply::Fresh(value, pttl) => {
-                    Acquire::Fresh(self.keep(&keys, value, pttl, generation))
+                    Acquire::Fresh(self.keep(&keys, value, Some(pttl), generation))
                 }
-                Reply::Acquired { fence, token } => {
-                    Acquire::Acquired(Lease::new(key.clone(), fence, token, lease))
-                }
+                Reply::Acquired {
+                    fence,
+                    token,
+                    stale,
+                } => Acquire::Acquired(Lease::new(key.clone(), fence, token, lease), stale),
                 Reply::Held(pttl) => Acquire::Held {
                     expires_in: self.remaining(pttl),
                 },
@@ -455,21 +506,24 @@ impl Backend for RedisBackend {
     fn complete<'a>(
         &'a self,
         lease: &'a Lease,
-        value: Bytes,
-        ttl: Duration,
+        entry: Bytes,
+        keep: Duration,
     ) -> BackendFuture<'a, bool> {
         Box::pin(async move {
             let keys = self.keys(lease.key());
+            // The token ends with the URI's generation when the lease was taken.
+            let generation = lease.token().rsplit(':').next().unwrap_or("0");
             let reply = self
                 .run(
                     "complete",
                     &self.inner.scripts.complete,
-                    vec![keys.resp, keys.lock, keys.fence],
+                    vec![keys.resp, keys.lock, keys.fence, keys.gen],
                     vec![
                         lease.token().into(),
                         lease.fence().to_string().into(),
-                        Value::Bytes(value),
-                        millis(ttl),
+                        Value::Bytes(entry),
+                        millis(keep),
+                        generation.into(),
                     ],
                 )
                 .await?;
@@ -500,14 +554,19 @@ impl Backend for RedisBackend {
         Box::pin(async move {
             let keys = self.keys(key);
             let registration = self.inner.waiters.register(&keys.hash);
+            // The fence of the leader this wait is for, learnt from its lock at the first look.
+            let mut awaited = String::from("0");
             loop {
                 // Armed before the re-check: a change after it wakes us even if it lands before
                 // we start waiting.
                 let changed = registration.armed();
-                let expires_in = match self.peek_remote(&keys, lookup).await? {
-                    Peeked::Stored(value) => return Ok(Wake::Stored(value)),
+                let expires_in = match self.peek_remote(&keys, lookup, &awaited).await? {
+                    Peeked::Stored(entry) => return Ok(Wake::Stored(entry)),
                     Peeked::Free => return Ok(Wake::Released),
-                    Peeked::Held(expires_in) => expires_in,
+                    Peeked::Held(expires_in, fence) => {
+                        awaited = fence;
+                        expires_in
+                    }
                 };
                 let now = Instant::now();
                 if deadline.is_some_and(|deadline| deadline <= now) {
@@ -540,11 +599,11 @@ impl Backend for RedisBackend {
             self.run(
                 "invalidate",
                 &self.inner.scripts.invalidate,
-                vec![keys.resp, keys.lock, keys.fence],
-                vec![millis(Self::fence_ttl(self.inner.lease.lease))],
+                vec![keys.gen],
+                vec![millis(GEN_TTL)],
             )
             .await?;
-            self.inner.local.forget(&keys.hash);
+            self.inner.local.forget_uri(&keys.uri);
             Ok(())
         })
     }
@@ -558,6 +617,7 @@ impl Backend for RedisBackend {
     }
 
     fn peek(&self, key: &Key) -> Option<Bytes> {
-        self.inner.local.get(&key.digest_hex())
+        let hash = format!("{}:{}", key.uri_digest_hex(), key.variant_digest_hex());
+        self.inner.local.get(&hash)
     }
 }

@@ -34,33 +34,69 @@ end
     };
 }
 
-/// KEYS: resp, lock, fence. ARGV: lookup ('1' or '0'), lease ms, nonce, fence ttl ms.
-/// Returns `{'fresh', value, value pttl}`, `{'acquired', fence, token}` or `{'held', lock pttl}`.
+/// Defines `stored(resp_key, gen_key)`: the entry stored under `resp_key` without its generation
+/// prefix, or `false` when there is none or it was stored before the URI's last invalidation;
+/// and the URI's current generation.
+macro_rules! stored_lua {
+    () => {
+        r"
+local function stored(resp_key, gen_key)
+  local gen = redis.call('GET', gen_key) or '0'
+  local value = redis.call('GET', resp_key)
+  if not value then return false, gen end
+  local head = gen .. ' '
+  if string.sub(value, 1, #head) ~= head then return false, gen end
+  return string.sub(value, #head + 1), gen
+end
+"
+    };
+}
+
+/// KEYS: resp, lock, fence, gen. ARGV: lookup ('1' or '0'), lease ms, nonce, fence ttl ms, now
+/// (µs). Returns `{'fresh', entry, entry pttl}`, `{'acquired', fence, token[, stale entry]}` or
+/// `{'held', lock pttl}`.
 const ACQUIRE: &str = concat!(
     next_fence_lua!(),
+    stored_lua!(),
     r"
-if ARGV[1] == '1' then
-  local value = redis.call('GET', KEYS[1])
-  if value then return {'fresh', value, redis.call('PTTL', KEYS[1])} end
+local value, gen = stored(KEYS[1], KEYS[4])
+if value and ARGV[1] == '1' then
+  local _, fresh = string.match(value, '^TP2 (%d+) (%d+) ')
+  if fresh and tonumber(fresh) > tonumber(ARGV[5]) then
+    return {'fresh', value, redis.call('PTTL', KEYS[1])}
+  end
 end
 local pttl = redis.call('PTTL', KEYS[2])
 if pttl ~= -2 then return {'held', pttl} end
 local fence = next_fence(KEYS[3], ARGV[4])
-local token = fence .. ':' .. ARGV[3]
+local token = fence .. ':' .. ARGV[3] .. ':' .. gen
 redis.call('SET', KEYS[2], token, 'PX', ARGV[2])
+if value then return {'acquired', fence, token, value} end
 return {'acquired', fence, token}
 "
 );
 
-/// KEYS: resp, lock. ARGV: lookup ('1' or '0'). Returns `{'fresh', value, value pttl}` or
-/// `{'held', lock pttl}` (-2: no lock).
-const PEEK: &str = r"
-if ARGV[1] == '1' then
-  local value = redis.call('GET', KEYS[1])
-  if value then return {'fresh', value, redis.call('PTTL', KEYS[1])} end
+/// KEYS: resp, lock, gen. ARGV: lookup ('1' or '0'), now (µs), awaited fence ('0': the lock
+/// holder's). Returns `{'stored', entry}` when the entry is fresh (and looked up) or was written
+/// by the awaited leader or a later one, `{'held', lock pttl, awaited fence}` or `{'free'}`.
+const PEEK: &str = concat!(
+    stored_lua!(),
+    r"
+local value = stored(KEYS[1], KEYS[3])
+local lock = redis.call('GET', KEYS[2])
+local awaited = ARGV[3]
+if awaited == '0' and lock then awaited = string.match(lock, '^(%d+):') or '0' end
+if value then
+  local fence, fresh = string.match(value, '^TP2 (%d+) (%d+) ')
+  if fence and ((ARGV[1] == '1' and tonumber(fresh) > tonumber(ARGV[2]))
+      or (awaited ~= '0' and tonumber(fence) >= tonumber(awaited))) then
+    return {'stored', value}
+  end
 end
-return {'held', redis.call('PTTL', KEYS[2])}
-";
+if lock then return {'held', redis.call('PTTL', KEYS[2]), awaited} end
+return {'free'}
+"
+);
 
 /// KEYS: lock, fence. ARGV: token, lease ms, fence ttl ms. Returns 1 if renewed, else 0.
 const RENEW: &str = r"
@@ -77,37 +113,44 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-/// KEYS: lock. ARGV: `:<nonce>`. Deletes the lock if an acquisition with this nonce took it.
+/// KEYS: lock. ARGV: `:<nonce>:`. Deletes the lock if an acquisition with this nonce took it.
 const ABANDON: &str = r"
 local lock = redis.call('GET', KEYS[1])
-if not lock or string.sub(lock, -#ARGV[1]) ~= ARGV[1] then return 0 end
+if not lock or not string.find(lock, ARGV[1], 1, true) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 ";
 
-/// KEYS: resp, lock, fence. ARGV: token, fence, value, ttl ms. Returns 1 if stored, else 0.
+/// KEYS: resp, lock, fence, gen. ARGV: token, fence, entry, keep ms, the URI's generation when
+/// the lease was taken. Returns 1 if stored, else 0.
 ///
-/// Stores if the caller still holds the lock, or if nobody holds it and nobody acquired or
-/// invalidated the key since the caller did (the fence is still the caller's).
+/// Stores if the URI was not invalidated since the lease was taken, and the caller still holds
+/// the lock, or nobody holds it and nobody acquired the key since the caller did (the fence is
+/// still the caller's). The caller's lock goes either way.
 const COMPLETE: &str = r"
 local lock = redis.call('GET', KEYS[2])
 local mine = lock == ARGV[1]
-if not mine and (lock or redis.call('GET', KEYS[3]) ~= ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 if mine then redis.call('DEL', KEYS[2]) end
+local gen = redis.call('GET', KEYS[4]) or '0'
+if gen ~= ARGV[5] then return 0 end
+if not mine and (lock or redis.call('GET', KEYS[3]) ~= ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], gen .. ' ' .. ARGV[3], 'PX', ARGV[4])
 return 1
 ";
 
-/// KEYS: resp, lock, fence. ARGV: fence ttl ms. Forgets the value and the lock and moves the
-/// fence on, so the current leader's `complete` is refused.
-const INVALIDATE: &str = concat!(
-    next_fence_lua!(),
-    r"
-redis.call('DEL', KEYS[1], KEYS[2])
-next_fence(KEYS[3], ARGV[1])
+/// KEYS: gen. ARGV: gen ttl ms. Moves the URI's generation on: every entry stored before is
+/// ignored from now on, and every leader that took its lease before stores nothing.
+///
+/// A missing generation starts at the server's clock, like a fence, so it never repeats.
+const INVALIDATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[1], now[1] .. string.rep('0', 6 - #now[2]) .. now[2])
+end
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
-"
-);
+";
 
 /// One loaded script: its source, to load it again after `NOSCRIPT`, and its SHA-1.
 #[derive(Debug)]
@@ -166,5 +209,17 @@ impl Scripts {
             invalidate: Script::load(client, INVALIDATE).await?,
             abandon: Script::load(client, ABANDON).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_read_entry_heads_as_the_stamp_writes_them() {
+        for script in [ACQUIRE, PEEK] {
+            assert!(script.contains(crate::backend::LUA_HEAD_PATTERN));
+        }
     }
 }

@@ -117,34 +117,64 @@ impl Drop for Registration<'_> {
     }
 }
 
-/// The hash of the parking key a notification is about, and which of its Redis keys it names.
-fn parse_event<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<(&'e str, &'e str)> {
+/// What a keyspace notification under the prefix is about.
+#[derive(Debug, PartialEq, Eq)]
+enum About<'e> {
+    /// One parking key's Redis key: its `U:V` hash and the key's suffix (`resp`, `lock`, ...).
+    Variant(String, &'e str),
+    /// The generation of the URI with this hash.
+    Generation(&'e str),
+}
+
+fn parse_event<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<About<'e>> {
     let name = event.key.as_str()?.strip_prefix(prefix)?;
-    name.strip_prefix('{')?.split_once('}')
+    let (uri, rest) = name.strip_prefix('{')?.split_once('}')?;
+    let rest = rest.strip_prefix(':')?;
+    if rest == "gen" {
+        return Some(About::Generation(uri));
+    }
+    let (variant, suffix) = rest.split_once(':')?;
+    Some(About::Variant(format!("{uri}:{variant}"), suffix))
 }
 
-/// The hash of the parking key whose stored value a notification says changed, in any way.
-fn value_changed<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<&'e str> {
-    parse_event(prefix, event).and_then(|(hash, suffix)| (suffix == ":resp").then_some(hash))
+/// What a notification changes for this process: the local copies to drop (`Some(hash)` of one
+/// variant, or `Err(uri)` for every variant of a URI) and the waiters to wake.
+#[derive(Debug, PartialEq, Eq)]
+struct Effect<'e> {
+    forget: Option<Result<String, &'e str>>,
+    wake: Option<String>,
 }
 
-/// The hash of the parking key whose waiters a notification can release.
-fn hash_to_wake<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Option<&'e str> {
-    let (hash, suffix) = parse_event(prefix, event)?;
-    let ends_a_wait = match suffix {
-        ":resp" => event.operation == "set",
-        ":lock" => matches!(event.operation.as_str(), "del" | "expired" | "evicted"),
-        _ => false,
-    };
-    ends_a_wait.then_some(hash)
+fn effect<'e>(prefix: &str, event: &'e KeyspaceEvent) -> Effect<'e> {
+    match parse_event(prefix, event) {
+        Some(About::Generation(uri)) => Effect {
+            forget: Some(Err(uri)),
+            wake: None,
+        },
+        Some(About::Variant(hash, suffix)) => {
+            let ends_a_wait = match suffix {
+                "resp" => event.operation == "set",
+                "lock" => matches!(event.operation.as_str(), "del" | "expired" | "evicted"),
+                _ => false,
+            };
+            Effect {
+                forget: (suffix == "resp").then(|| Ok(hash.clone())),
+                wake: ends_a_wait.then_some(hash),
+            }
+        }
+        None => Effect {
+            forget: None,
+            wake: None,
+        },
+    }
 }
 
-/// The keyspace channel patterns of the value and lock keys under `prefix` in database `db` (the
-/// fence keys' events are not needed, so not sent).
+/// The keyspace channel patterns of the entry, lock and generation keys under `prefix` in
+/// database `db` (the fence keys' events are not needed, so not sent).
 ///
 /// The prefix was validated to hold no glob or hash-tag characters, so it needs no escaping.
 pub(super) fn keyspace_patterns(db: u8, prefix: &str) -> Vec<String> {
-    [":resp", ":lock"]
+    [":*:resp", ":*:lock", ":gen"]
         .map(|suffix| format!("__keyspace@{db}__:{prefix}{{*}}{suffix}"))
         .into()
 }
@@ -255,10 +285,13 @@ async fn wake_on_notifications(
         tokio::select! {
             event = keyspace.recv() => match event {
                 Ok(event) => {
-                    if let Some(hash) = value_changed(prefix, &event) {
-                        local.forget(hash);
+                    let effect = effect(prefix, &event);
+                    match &effect.forget {
+                        Some(Ok(hash)) => local.forget(hash),
+                        Some(Err(uri)) => local.forget_uri(uri),
+                        None => {}
                     }
-                    if let Some(hash) = hash_to_wake(prefix, &event) {
+                    if let Some(hash) = &effect.wake {
                         waiters.wake(hash);
                     }
                 }
@@ -323,29 +356,43 @@ mod tests {
     }
 
     #[test]
-    fn wakes_on_stored_response_and_released_lock_only() {
-        let hash = "0123456789abcdef0123456789abcdef";
-        let resp = format!("parking:{{{hash}}}:resp");
-        let lock = format!("parking:{{{hash}}}:lock");
-        let fence = format!("parking:{{{hash}}}:fence");
-        assert_eq!(hash_to_wake("parking:", &event(&resp, "set")), Some(hash));
-        assert_eq!(hash_to_wake("parking:", &event(&lock, "del")), Some(hash));
-        assert_eq!(
-            hash_to_wake("parking:", &event(&lock, "expired")),
-            Some(hash)
-        );
-        assert_eq!(hash_to_wake("parking:", &event(&lock, "set")), None);
-        assert_eq!(hash_to_wake("parking:", &event(&lock, "expire")), None);
-        assert_eq!(hash_to_wake("parking:", &event(&resp, "del")), None);
-        assert_eq!(hash_to_wake("parking:", &event(&fence, "incrby")), None);
-        assert_eq!(hash_to_wake("other:", &event(&resp, "set")), None);
+    fn wakes_on_stored_entry_and_released_lock_only_and_forgets_on_changes() {
+        let (uri, variant) = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210");
+        let hash = format!("{uri}:{variant}");
+        let resp = format!("parking:{{{uri}}}:{variant}:resp");
+        let lock = format!("parking:{{{uri}}}:{variant}:lock");
+        let fence = format!("parking:{{{uri}}}:{variant}:fence");
+        let gen = format!("parking:{{{uri}}}:gen");
+        let wake = |key: &str, op: &str| effect("parking:", &event(key, op)).wake;
+        assert_eq!(wake(&resp, "set"), Some(hash.clone()));
+        assert_eq!(wake(&lock, "del"), Some(hash.clone()));
+        assert_eq!(wake(&lock, "expired"), Some(hash.clone()));
+        assert_eq!(wake(&lock, "evicted"), Some(hash.clone()));
+        assert_eq!(wake(&lock, "set"), None);
+        assert_eq!(wake(&lock, "expire"), None);
+        assert_eq!(wake(&resp, "del"), None);
+        assert_eq!(wake(&fence, "incrby"), None);
+        assert_eq!(effect("other:", &event(&resp, "set")).wake, None);
+        let forget = |key: &str, op: &str| {
+            effect("parking:", &event(key, op))
+                .forget
+                .map(|forget| forget.map_err(str::to_owned))
+        };
+        assert_eq!(forget(&resp, "del"), Some(Ok(hash.clone())));
+        assert_eq!(forget(&resp, "expired"), Some(Ok(hash)));
+        assert_eq!(forget(&gen, "incrby"), Some(Err(uri.to_owned())));
+        assert_eq!(forget(&lock, "del"), None);
     }
 
     #[test]
-    fn patterns_cover_values_and_locks_under_the_prefix_in_the_database() {
+    fn patterns_cover_entries_locks_and_generations_under_the_prefix_in_the_database() {
         assert_eq!(
             keyspace_patterns(3, "app:"),
-            ["__keyspace@3__:app:{*}:resp", "__keyspace@3__:app:{*}:lock"]
+            [
+                "__keyspace@3__:app:{*}:*:resp",
+                "__keyspace@3__:app:{*}:*:lock",
+                "__keyspace@3__:app:{*}:gen"
+            ]
         );
     }
 
