@@ -253,11 +253,10 @@ async fn crowd(server: &RedisServer) -> Crowd {
     }
     let answered_after_release = released.elapsed();
 
-    let stats =
-        instances
-            .iter()
-            .map(|(_, layer, _)| layer.stats())
-            .sum::<Stats>();
+    let stats = instances
+        .iter()
+        .map(|(_, layer, _)| layer.stats())
+        .sum::<Stats>();
     let _ = inspector.quit().await;
     let crowd = Crowd {
         callers,

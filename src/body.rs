@@ -257,12 +257,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_does_not_end_in_time_streams_on_with_every_byte() {
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        sender.send(Ok(Frame::data(Bytes::from_static(b"first ")))).await.unwrap();
+        sender
+            .send(Ok(Frame::data(Bytes::from_static(b"first "))))
+            .await
+            .unwrap();
         let body = StreamBody::new(tokio_stream_from(receiver));
         let Collected::Overflow(rest) = collect_limited(body, 1024, MINUTE).await.unwrap() else {
             panic!("a body still open after the timeout streams on")
         };
-        sender.send(Ok(Frame::data(Bytes::from_static(b"second")))).await.unwrap();
+        sender
+            .send(Ok(Frame::data(Bytes::from_static(b"second"))))
+            .await
+            .unwrap();
         drop(sender);
         let all = rest.collect().await.unwrap().to_bytes();
         assert_eq!(&all[..], b"first second");

@@ -405,7 +405,11 @@ mod tests {
         for key_fn in [&PerUser as &dyn KeyFn, &SharedAcrossUsers, &tenant] {
             let key = |p: &Parts| key_fn.key(p).unwrap();
             assert_ne!(key(&acme), key(&globex));
-            assert_eq!(key(&acme), key(&acme_h2), "HTTP/1 Host and HTTP/2 authority agree");
+            assert_eq!(
+                key(&acme),
+                key(&acme_h2),
+                "HTTP/1 Host and HTTP/2 authority agree"
+            );
             assert_ne!(key(&acme), key(&acme_tls));
             assert_eq!(key(&acme).uri_part(), "http://acme.example/a");
         }
@@ -434,7 +438,9 @@ mod tests {
     fn a_write_and_a_read_of_one_uri_share_the_uri_part_only() {
         let get = PerUser.key(&parts(http::Request::get("/item"))).unwrap();
         let post = PerUser
-            .key(&parts(http::Request::post("/item").header("authorization", "x")))
+            .key(&parts(
+                http::Request::post("/item").header("authorization", "x"),
+            ))
             .unwrap();
         assert_eq!(get.uri_part(), post.uri_part());
         assert_ne!(get, post);

@@ -212,8 +212,22 @@ impl<V: Value> Parker<V> {
         F: FnOnce(Option<V>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
     {
+        self.execute_with(key, Lookup::Check, work).await
+    }
+
+    /// [`execute`](Parker::execute); with [`Lookup::Skip`], a stored value, fresh or not, is not
+    /// served: the call joins the key's running flight or starts one.
+    pub(crate) async fn execute_with<F, Fut>(&self, key: Key, lookup: Lookup, work: F) -> Landed<V>
+    where
+        F: FnOnce(Option<V>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
+    {
         let inner = &self.inner;
-        match inner.backend.peek(&key).and_then(Found::fresh) {
+        let peeked = match lookup {
+            Lookup::Check => inner.backend.peek(&key).and_then(Found::fresh),
+            Lookup::Skip => None,
+        };
+        match peeked {
             Some(Found::Value(payload)) => {
                 // One that does not decode is left to the flight, which overwrites it.
                 if let Ok(value) = V::decode(payload) {
@@ -231,7 +245,7 @@ impl<V: Value> Parker<V> {
             Joined::Leader(landing, flight) => {
                 let task_inner = Arc::clone(inner);
                 tokio::spawn(async move {
-                    let landed = task_inner.fly(&key, work).await;
+                    let landed = task_inner.fly(&key, lookup, work).await;
                     landing.land(landed);
                 });
                 flight
@@ -281,14 +295,13 @@ impl Found {
 
 impl<V: Value> Inner<V> {
     /// The flight, on its own task: find the value, or lead the work, or wait for the leader.
-    async fn fly<F, Fut>(&self, key: &Key, work: F) -> Landed<V>
+    async fn fly<F, Fut>(&self, key: &Key, mut lookup: Lookup, work: F) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
         let lease = self.backend.lease_settings().lease;
         let deadline = self.wait_timeout.map(|timeout| Instant::now() + timeout);
-        let mut lookup = Lookup::Check;
         // A value found after waiting for another leader came from that leader: parked, not hit.
         let mut waited = false;
         loop {
@@ -326,10 +339,7 @@ impl<V: Value> Inner<V> {
             let found = Stamp::open(&entry).map(|(stamp, payload)| Found::read(stamp, payload));
             let error = match found {
                 Some(Found::Pass) => {
-                    return (
-                        Outcome::Pass,
-                        self.run_unshared(work).await.map(|_| None),
-                    )
+                    return (Outcome::Pass, self.run_unshared(work).await.map(|_| None))
                 }
                 Some(Found::Value(payload)) => match V::decode(payload) {
                     Ok(value) => return (outcome, Ok(Some(value))),
@@ -369,9 +379,12 @@ impl<V: Value> Inner<V> {
                 let keep_for = keep.keep_for.max(keep.fresh_for);
                 // Not fresh and not kept: kept just long enough for the callers parked on this
                 // run elsewhere to pick it up.
-                let keep_for = if keep_for.is_zero() { HANDOFF } else { keep_for };
-                let entry = stamp(EntryKind::Value, keep.fresh_for, keep_for)
-                    .seal(&value.encode());
+                let keep_for = if keep_for.is_zero() {
+                    HANDOFF
+                } else {
+                    keep_for
+                };
+                let entry = stamp(EntryKind::Value, keep.fresh_for, keep_for).seal(&value.encode());
                 let outcome = if keep.revalidated {
                     Outcome::Revalidated
                 } else {
@@ -380,8 +393,12 @@ impl<V: Value> Inner<V> {
                 (outcome, Ok(Some(value)), Some((entry, keep_for)))
             }
             Ok(Completion::Pass(pass_for)) => {
-                let entry = (!pass_for.is_zero())
-                    .then(|| (stamp(EntryKind::Pass, pass_for, pass_for).seal(b""), pass_for));
+                let entry = (!pass_for.is_zero()).then(|| {
+                    (
+                        stamp(EntryKind::Pass, pass_for, pass_for).seal(b""),
+                        pass_for,
+                    )
+                });
                 (Outcome::Miss, Ok(None), entry)
             }
             Err(error) => (Outcome::Miss, Err(error), None),
@@ -583,6 +600,7 @@ impl ParkerBuilder {
 
     /// For tests of the protocol: runs `hook` in a follower after it found the lock held and
     /// before it waits, so a test can make the leader finish in that gap.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn before_wait(
         mut self,

@@ -954,9 +954,7 @@ async fn over_a_real_socket_users_are_isolated_and_share_their_own_run() {
         }
     }
     let keyed = Tally::new();
-    let layer = ParkingLayer::new()
-        .ttl(MINUTE)
-        .key(Counted(keyed.clone()));
+    let layer = ParkingLayer::new().ttl(MINUTE).key(Counted(keyed.clone()));
     let handler = Work::held();
     let app = app(echo(&handler), &layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -18,9 +18,8 @@ use axum::{extract::Path, routing::get, Router};
 use bytes::Bytes;
 use http::{request::Parts, StatusCode};
 use support::{
-    acquired, counting_waits, eventually, payload, quiet_deliberate_panics, redis_key, sealed, Gate,
-    HttpClient,
-    Instance, RedisServer, Reply, Resp, ServerProcess, Tally, DELIBERATE,
+    acquired, counting_waits, eventually, payload, quiet_deliberate_panics, redis_key, sealed,
+    Gate, HttpClient, Instance, RedisServer, Reply, Resp, ServerProcess, Tally, DELIBERATE,
 };
 use tower_parking::{
     backend::{Acquire, Lookup, Wake},

@@ -394,7 +394,10 @@ async fn two_connections_per_backend_however_many_waits() {
     let completed = Instant::now();
     for lease in &leases {
         let value = Bytes::from(format!("value of {}", lease.key()));
-        assert!(leader.complete(lease, sealed(lease, TTL, &value), TTL).await.unwrap());
+        assert!(leader
+            .complete(lease, sealed(lease, TTL, &value), TTL)
+            .await
+            .unwrap());
     }
     for (key, waiter) in keys.iter().zip(waiters) {
         match waiter.await.unwrap() {

@@ -116,7 +116,9 @@ impl State {
     }
 
     fn get_mut(&mut self, key: &Key) -> Option<&mut Entry> {
-        self.uris.get_mut(key.uri_part())?.get_mut(key.variant_part())
+        self.uris
+            .get_mut(key.uri_part())?
+            .get_mut(key.variant_part())
     }
 
     /// Sets the entry's value, keeping the byte count true.
@@ -348,15 +350,13 @@ impl Backend for MemoryBackend {
         current.lock = None;
         current.changed.notify_waiters();
         let fits = entry.len() <= self.max_bytes / 8;
-        let value = Stamp::open(&entry)
-            .filter(|_| fits)
-            .map(|(mut stamp, _)| {
-                // The entry's own keep time, bounded by what the parker asked for.
-                stamp.keep_until = stamp
-                    .keep_until
-                    .min(clock::now().saturating_add(clock::micros(keep)));
-                Stored { entry, stamp }
-            });
+        let value = Stamp::open(&entry).filter(|_| fits).map(|(mut stamp, _)| {
+            // The entry's own keep time, bounded by what the parker asked for.
+            stamp.keep_until = stamp
+                .keep_until
+                .min(clock::now().saturating_add(clock::micros(keep)));
+            Stored { entry, stamp }
+        });
         if let Some(value) = &value {
             let grows = value.entry.len();
             if state.bytes + grows > self.max_bytes {
@@ -433,10 +433,7 @@ impl Backend for MemoryBackend {
     fn invalidate<'a>(&'a self, key: &'a Key) -> BackendFuture<'a, ()> {
         let mut state = self.state();
         let State {
-            uris,
-            fence,
-            bytes,
-            ..
+            uris, fence, bytes, ..
         } = &mut *state;
         if let Some(variants) = uris.get_mut(key.uri_part()) {
             for entry in variants.values_mut() {
@@ -505,10 +502,17 @@ mod tests {
         assert!(current.fence() > stale.fence());
         assert!(!backend.renew(&stale).await.unwrap());
         assert!(!backend
-            .complete(&stale, sealed(stale.fence(), Duration::from_secs(60), b"old"), Duration::from_secs(60))
+            .complete(
+                &stale,
+                sealed(stale.fence(), Duration::from_secs(60), b"old"),
+                Duration::from_secs(60)
+            )
             .await
             .unwrap());
-        assert!(backend.renew(&current).await.unwrap(), "the stale leader released nothing");
+        assert!(
+            backend.renew(&current).await.unwrap(),
+            "the stale leader released nothing"
+        );
     }
 
     #[tokio::test]
@@ -518,8 +522,15 @@ mod tests {
             let key = Key::new(format!("/item?page={i}&{}", "q".repeat(200)));
             let lease = lead(&backend, &key).await;
             let entry = sealed(lease.fence(), Duration::from_secs(60), &[0; 4096]);
-            backend.complete(&lease, entry, Duration::from_secs(60)).await.unwrap();
-            assert!(backend.bytes() <= 64 * 1024, "{} bytes after {i}", backend.bytes());
+            backend
+                .complete(&lease, entry, Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(
+                backend.bytes() <= 64 * 1024,
+                "{} bytes after {i}",
+                backend.bytes()
+            );
         }
         assert!(backend.len() > 4, "it keeps what fits: {}", backend.len());
     }
@@ -533,14 +544,20 @@ mod tests {
         for key in [&gzip, &other] {
             let lease = lead(&backend, key).await;
             let entry = sealed(lease.fence(), Duration::from_secs(60), b"v");
-            assert!(backend.complete(&lease, entry, Duration::from_secs(60)).await.unwrap());
+            assert!(backend
+                .complete(&lease, entry, Duration::from_secs(60))
+                .await
+                .unwrap());
         }
         let running = lead(&backend, &plain).await;
         backend.invalidate(&Key::new("/a")).await.unwrap();
         assert!(backend.peek(&gzip).is_none());
         assert!(backend.peek(&other).is_some());
         let entry = sealed(running.fence(), Duration::from_secs(60), b"old");
-        assert!(!backend.complete(&running, entry, Duration::from_secs(60)).await.unwrap());
+        assert!(!backend
+            .complete(&running, entry, Duration::from_secs(60))
+            .await
+            .unwrap());
         assert!(backend.peek(&plain).is_none());
     }
 }

@@ -22,11 +22,11 @@ pub mod redis;
 mod stamp;
 
 pub use memory::MemoryBackend;
-pub use stamp::{EntryKind, Stamp};
-#[cfg(all(test, feature = "redis"))]
-pub(crate) use stamp::LUA_HEAD_PATTERN;
 #[cfg(feature = "redis")]
 pub use redis::{RedisBackend, RedisBackendBuilder, RedisSetupError};
+#[cfg(all(test, feature = "redis"))]
+pub(crate) use stamp::LUA_HEAD_PATTERN;
+pub use stamp::{EntryKind, Stamp};
 
 /// A boxed future, as returned by every [`Backend`] method.
 pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;

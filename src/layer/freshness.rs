@@ -37,6 +37,8 @@ pub(crate) struct Rules {
     pub(crate) separates_credentials: bool,
     /// Which statuses may be kept.
     pub(crate) storable_statuses: Arc<[http::StatusCode]>,
+    /// Whether a request's own `Cache-Control` / `Pragma` may refuse a stored response.
+    pub(crate) honor_request_directives: bool,
 }
 
 /// RFC 9111 §4.2.2: heuristics are the operator's TTL, not a fraction of `Last-Modified`.
@@ -78,6 +80,8 @@ impl<'a> Head<'a> {
 
 /// What a response is to the other requests of its key.
 #[derive(Debug)]
+// Made once per run and matched at once: boxing the response would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Decision {
     /// Nobody but its own caller may have it (`private`, `no-store`, `Set-Cookie`, `Vary: *`).
     Pass,
@@ -148,8 +152,9 @@ fn keep_for(
     if let Ok(expires) = HeaderValue::from_str(&httpdate::fmt_http_date(date + UNSTATED)) {
         probe.append(header::EXPIRES, expires);
     }
-    let lifetime = CachePolicy::new_options(policy_request, &response_of(status, probe), now, OPTIONS)
-        .time_to_live(now);
+    let lifetime =
+        CachePolicy::new_options(policy_request, &response_of(status, probe), now, OPTIONS)
+            .time_to_live(now);
     let fresh_for = if lifetime >= UNSTATED / 2 {
         rules.ttl
     } else if rules.lifetime_may_exceed_ttl {
@@ -161,7 +166,12 @@ fn keep_for(
         normalised.contains_key(header::ETAG) || normalised.contains_key(header::LAST_MODIFIED);
     Keep {
         fresh_for,
-        keep_for: fresh_for + if has_validator { rules.revalidate_for } else { Duration::ZERO },
+        keep_for: fresh_for
+            + if has_validator {
+                rules.revalidate_for
+            } else {
+                Duration::ZERO
+            },
         revalidated: false,
     }
 }
@@ -202,6 +212,58 @@ pub(crate) fn matches(stored: &StoredResponse, request: Head<'_>, rules: &Rules)
         BeforeRequest::Fresh(_) => true,
         BeforeRequest::Stale { matches, .. } => matches,
     }
+}
+
+/// Whether the request says it will not take `stored` as it is (`Cache-Control: no-cache`,
+/// `max-age` below its age, `Pragma: no-cache`...), as the library judges; only asked when the
+/// operator lets requests say so.
+pub(crate) fn refused_by_request(
+    stored: &StoredResponse,
+    request: Head<'_>,
+    rules: &Rules,
+) -> bool {
+    if !rules.honor_request_directives
+        || !(request.headers.contains_key(header::CACHE_CONTROL)
+            || request.headers.contains_key(header::PRAGMA))
+    {
+        return false;
+    }
+    let Some(record) = &stored.policy else {
+        return false;
+    };
+    let mut policy_request = policy_request(
+        request,
+        &vary_names(&stored.headers),
+        rules.separates_credentials,
+    );
+    for name in [header::CACHE_CONTROL, header::PRAGMA] {
+        for value in request.headers.get_all(&name) {
+            policy_request
+                .headers_mut()
+                .append(name.clone(), value.clone());
+        }
+    }
+    // The layer decided the response is fresh; the library is asked only about the request's
+    // directives, of a response of the same age that it sees as fresh for long.
+    let now = clock::now();
+    let age = age(record, now);
+    let mut seen_fresh = HeaderMap::new();
+    seen_fresh.insert(header::AGE, HeaderValue::from(age));
+    let lifetime = format!("max-age={}", age + 365 * 24 * 60 * 60);
+    if let Ok(lifetime) = HeaderValue::from_str(&lifetime) {
+        seen_fresh.insert(header::CACHE_CONTROL, lifetime);
+    }
+    let now = clock::system_time(now);
+    let policy = CachePolicy::new_options(
+        &policy_request,
+        &response_of(http::StatusCode::OK, seen_fresh),
+        now,
+        OPTIONS,
+    );
+    !matches!(
+        policy.before_request(&policy_request, now),
+        BeforeRequest::Fresh(_)
+    )
 }
 
 /// The `If-None-Match` / `If-Modified-Since` that revalidate `stored` (RFC 9111 §4.3.1), as the
@@ -418,7 +480,9 @@ pub(crate) fn normalise(headers: &HeaderMap, targeted_fields: &[HeaderName]) -> 
             .map(str::trim)
             .filter(|age| !age.is_empty() && age.bytes().all(|b| b.is_ascii_digit()))
             .map_or(MAX_AGE_VALUE, |age| {
-                age.parse::<u64>().unwrap_or(MAX_AGE_VALUE).min(MAX_AGE_VALUE)
+                age.parse::<u64>()
+                    .unwrap_or(MAX_AGE_VALUE)
+                    .min(MAX_AGE_VALUE)
             });
         headers.insert(header::AGE, HeaderValue::from(age));
     }
@@ -452,6 +516,7 @@ mod tests {
             targeted_fields: Arc::from([HeaderName::from_static("cdn-cache-control")]),
             separates_credentials: true,
             storable_statuses: Arc::from([StatusCode::OK]),
+            honor_request_directives: false,
         }
     }
 
@@ -492,7 +557,11 @@ mod tests {
         assert_eq!(fresh_for(10, &[]), Some(10), "no stated lifetime: the TTL");
         assert_eq!(fresh_for(10, &[("cache-control", "max-age=2")]), Some(2));
         assert_eq!(fresh_for(10, &[("cache-control", "max-age=60")]), Some(10));
-        assert_eq!(fresh_for(10, &[("cache-control", "Max-Age=2")]), Some(2), "case");
+        assert_eq!(
+            fresh_for(10, &[("cache-control", "Max-Age=2")]),
+            Some(2),
+            "case"
+        );
         for zero in [
             "max-age=0",
             "no-cache",
@@ -502,8 +571,15 @@ mod tests {
         ] {
             assert_eq!(fresh_for(10, &[("cache-control", zero)]), Some(0), "{zero}");
         }
-        assert_eq!(fresh_for(10, &[("expires", "Thu, 01 Jan 1970 00:00:00 GMT")]), Some(0));
-        assert_eq!(fresh_for(10, &[("expires", "0")]), Some(0), "an invalid Expires");
+        assert_eq!(
+            fresh_for(10, &[("expires", "Thu, 01 Jan 1970 00:00:00 GMT")]),
+            Some(0)
+        );
+        assert_eq!(
+            fresh_for(10, &[("expires", "0")]),
+            Some(0),
+            "an invalid Expires"
+        );
         assert_eq!(
             fresh_for(10, &[("cache-control", "max-age=3600"), ("age", "7200")]),
             Some(0)
@@ -514,7 +590,13 @@ mod tests {
             "an invalid Age is stale"
         );
         assert_eq!(
-            fresh_for(10, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age=3")]),
+            fresh_for(
+                10,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "max-age=3")
+                ]
+            ),
             Some(3)
         );
     }
@@ -526,7 +608,10 @@ mod tests {
             &[("cache-control", "No-Store")],
             &[("set-cookie", "a=b")],
             &[("vary", "*")],
-            &[("cache-control", "max-age=60"), ("cdn-cache-control", "no-store")],
+            &[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "no-store"),
+            ],
         ] {
             assert!(matches!(judged(10, pairs), Decision::Pass), "{pairs:?}");
         }

@@ -17,7 +17,9 @@ use std::{
 
 use http::{HeaderName, Method, StatusCode};
 
-use crate::{Backend, KeyFn, Parker, ParkerBuilder, PerUser, Stats, StoredResponse, WaitTimeoutPolicy};
+use crate::{
+    Backend, KeyFn, Parker, ParkerBuilder, PerUser, Stats, StoredResponse, WaitTimeoutPolicy,
+};
 
 pub(crate) mod freshness;
 mod future;
@@ -45,6 +47,7 @@ use sharing::{DefaultSharing, SharePredicate, SharedPredicate};
 /// | [`ttl_from_response`](ParkingLayer::ttl_from_response) | off: a lifetime the response states is capped by the TTL |
 /// | [`revalidate_window`](ParkingLayer::revalidate_window) | 60 seconds: a stale response with a validator is kept this long to be revalidated |
 /// | [`targeted_fields`](ParkingLayer::targeted_fields) | `CDN-Cache-Control` |
+/// | [`honor_request_cache_control`](ParkingLayer::honor_request_cache_control) | off: a request's `no-cache` or `max-age=0` cannot make the handler run |
 /// | [`methods`](ParkingLayer::methods) | `GET`, `HEAD` (writes invalidate) |
 /// | [`storable_statuses`](ParkingLayer::storable_statuses) | 200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501 |
 /// | [`body_limit`](ParkingLayer::body_limit) | 1 MiB |
@@ -158,6 +161,7 @@ impl ParkingLayer {
                     targeted_fields: Arc::from([HeaderName::from_static("cdn-cache-control")]),
                     separates_credentials: PerUser.separates_credentials(),
                     storable_statuses: Arc::from(STORABLE_BY_DEFAULT),
+                    honor_request_directives: false,
                 },
             }),
         }
@@ -198,6 +202,14 @@ impl ParkingLayer {
     /// its refreshed head (default 60 seconds; zero: never revalidate).
     pub fn revalidate_window(self, window: Duration) -> Self {
         self.with_http(|http| http.rules.revalidate_for = window)
+    }
+
+    /// Whether a request's own `Cache-Control: no-cache`, `max-age=N` or `Pragma: no-cache` may
+    /// refuse a stored response (default `false`, as nginx and Varnish do: honouring them lets
+    /// any client make the handler run on every request). Even when honoured, such a request
+    /// still joins a run already in flight for its key.
+    pub fn honor_request_cache_control(self, enabled: bool) -> Self {
+        self.with_http(|http| http.rules.honor_request_directives = enabled)
     }
 
     /// Fields the layer obeys instead of `Cache-Control` when the response carries one (RFC 9213

@@ -27,6 +27,7 @@ use super::{
     HttpConfig, ResponseFuture,
 };
 use crate::{
+    backend::Lookup,
     body::{collect_limited, BoxError, Collected},
     clock,
     key::hex_digest,
@@ -237,17 +238,13 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let slot: Slot<ReqBody> = Arc::new(Mutex::new(Some(request)));
+    let mut lookup = Lookup::Check;
     // A response found under the key may be another variant (its `Vary` names fields this
     // request has other values of): the request then parks under a key with those values.
-    for _ in 0..2 {
+    for _ in 0..3 {
         let (deliver, mut delivered) = oneshot::channel();
-        let work = leader_work(
-            Arc::clone(&slot),
-            Arc::clone(&http),
-            inner.clone(),
-            deliver,
-        );
-        let (outcome, result) = parker.execute(key.clone(), work).await;
+        let work = leader_work(Arc::clone(&slot), Arc::clone(&http), inner.clone(), deliver);
+        let (outcome, result) = parker.execute_with(key.clone(), lookup, work).await;
         if let Ok(own) = delivered.try_recv() {
             let mut response = own?;
             if conditions.not_modified(response.status(), response.headers()) {
@@ -261,22 +258,36 @@ where
             Ok(None) => return Ok(error_response(&http, &ParkError::Cancelled, outcome)),
             Err(error) => return Ok(error_response(&http, &error, outcome)),
         };
-        let variant = {
+        let next = {
             let request = lock(&slot);
-            let head = request.as_ref().map(Head::of);
-            head.filter(|head| !freshness::matches(&stored, *head, &http.rules))
-                .map(|head| variant_of(&stored, head))
+            match request.as_ref().map(Head::of) {
+                Some(head) if !freshness::matches(&stored, head, &http.rules) => {
+                    Some(Err(variant_of(&stored, head)))
+                }
+                Some(head)
+                    if outcome == Outcome::Hit
+                        && freshness::refused_by_request(&stored, head, &http.rules) =>
+                {
+                    Some(Ok(Lookup::Skip))
+                }
+                _ => None,
+            }
         };
-        match variant {
+        match next {
             None => return Ok(reused(&http, stored, outcome, &conditions)),
-            Some(variant) => key = key.refined(&variant),
+            Some(Err(variant)) => key = key.refined(&variant),
+            Some(Ok(skip)) => lookup = skip,
         }
     }
     // Variants keep changing under this request: it goes through on its own.
     let request = lock(&slot).take();
     match request {
         Some(request) => bypass(&parker, &http, inner, request).await,
-        None => Ok(error_response(&http, &ParkError::Cancelled, Outcome::Bypass)),
+        None => Ok(error_response(
+            &http,
+            &ParkError::Cancelled,
+            Outcome::Bypass,
+        )),
     }
 }
 
@@ -287,7 +298,13 @@ fn variant_of(stored: &StoredResponse, request: Head<'_>) -> String {
     let mut parts: Vec<&[u8]> = Vec::new();
     for name in &names {
         parts.push(name.as_bytes());
-        parts.extend(request.headers.get_all(name.as_str()).iter().map(|v| v.as_bytes()));
+        parts.extend(
+            request
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
     }
     format!("vary:{}", hex_digest(&parts, 16))
 }
@@ -441,7 +458,11 @@ fn not_modified<B>(headers: &http::HeaderMap) -> Response<ParkingBody<B>> {
 }
 
 /// The response a caller gets when its flight produced no response to hand out.
-fn error_response<B>(http: &HttpConfig, error: &ParkError, outcome: Outcome) -> Response<ParkingBody<B>> {
+fn error_response<B>(
+    http: &HttpConfig,
+    error: &ParkError,
+    outcome: Outcome,
+) -> Response<ParkingBody<B>> {
     let (status, message) = match error {
         ParkError::WaitTimeout(_) => (
             http.wait_timeout_status,

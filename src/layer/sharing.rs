@@ -322,9 +322,10 @@ mod tests {
         assert!(!share(200, "application/grpc+proto"));
         let no_pdf = DefaultSharing.and(NotForContentType::const_new("application/pdf"));
         let mut response = http::Response::new(());
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/PDF"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/PDF"),
+        );
         assert!(!no_pdf.should_share(&response.into_parts().0));
     }
 

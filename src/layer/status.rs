@@ -16,7 +16,10 @@ pub(crate) fn mark(http: &HttpConfig, headers: &mut HeaderMap, outcome: Outcome)
         headers.insert(header.clone(), HeaderValue::from_static(outcome.as_str()));
     }
     if http.cache_status {
-        headers.insert(CACHE_STATUS, HeaderValue::from_static(cache_status(outcome)));
+        headers.insert(
+            CACHE_STATUS,
+            HeaderValue::from_static(cache_status(outcome)),
+        );
     }
 }
 

@@ -325,14 +325,16 @@ impl RedisBackend {
     fn keep(&self, keys: &RedisKeys, entry: Bytes, pttl: Option<i64>, generation: u64) -> Bytes {
         let keep_for = match pttl {
             Some(pttl) => u64::try_from(pttl).ok().map(Duration::from_millis),
-            None => crate::backend::Stamp::open(&entry).map(|(stamp, _)| {
-                crate::clock::between(crate::clock::now(), stamp.keep_until)
-            }),
+            None => crate::backend::Stamp::open(&entry)
+                .map(|(stamp, _)| crate::clock::between(crate::clock::now(), stamp.keep_until)),
         };
         if let Some(keep_for) = keep_for {
-            self.inner
-                .local
-                .keep(&keys.hash, entry.clone(), Instant::now() + keep_for, generation);
+            self.inner.local.keep(
+                &keys.hash,
+                entry.clone(),
+                Instant::now() + keep_for,
+                generation,
+            );
         }
         entry
     }
@@ -393,13 +395,11 @@ impl Reply {
                 let fence = items.next().and_then(|fence| fence.as_u64());
                 let token = items.next().and_then(|token| token.into_string());
                 let stale = items.next().and_then(Value::into_bytes);
-                fence
-                    .zip(token)
-                    .map(|(fence, token)| Reply::Acquired {
-                        fence,
-                        token,
-                        stale,
-                    })
+                fence.zip(token).map(|(fence, token)| Reply::Acquired {
+                    fence,
+                    token,
+                    stale,
+                })
             }
             _ => None,
         };

@@ -357,7 +357,10 @@ mod tests {
 
     #[test]
     fn wakes_on_stored_entry_and_released_lock_only_and_forgets_on_changes() {
-        let (uri, variant) = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210");
+        let (uri, variant) = (
+            "0123456789abcdef0123456789abcdef",
+            "fedcba9876543210fedcba9876543210",
+        );
         let hash = format!("{uri}:{variant}");
         let resp = format!("parking:{{{uri}}}:{variant}:resp");
         let lock = format!("parking:{{{uri}}}:{variant}:lock");
