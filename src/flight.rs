@@ -16,17 +16,21 @@ pub(crate) type SharedFlight<T> = Shared<BoxFuture<'static, Option<T>>>;
 
 /// The flights running in this process, by key.
 pub(crate) struct Flights<T: Clone> {
-    map: DashMap<Key, (u64, SharedFlight<T>)>,
+    map: DashMap<Key, (u64, SharedFlight<T>, Fallback<T>)>,
     next_id: AtomicU64,
 }
+
+/// The one run a flight's callers make themselves when they give up waiting for its leader:
+/// whoever gives up first runs it, the others that give up take its result.
+pub(crate) type Fallback<T> = Arc<tokio::sync::OnceCell<T>>;
 
 /// What [`Flights::join_or_start`] found.
 pub(crate) enum Joined<T: Clone> {
     /// A flight was running: wait on it.
-    Follower(SharedFlight<T>),
+    Follower(SharedFlight<T>, Fallback<T>),
     /// No flight was running: the caller must run one, land it through the [`Landing`], and may
     /// wait on the shared result like everyone else.
-    Leader(Landing<T>, SharedFlight<T>),
+    Leader(Landing<T>, SharedFlight<T>, Fallback<T>),
 }
 
 /// The leader's side of a flight. Landing it (or dropping it, however the flight ends: panic,
@@ -51,19 +55,23 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     pub(crate) fn join_or_start(self: &Arc<Self>, key: &Key) -> Joined<T> {
         // The shard lock is held only for this match: never across an await.
         match self.map.entry(key.clone()) {
-            Entry::Occupied(running) => Joined::Follower(running.get().1.clone()),
+            Entry::Occupied(running) => {
+                let (_, shared, fallback) = running.get();
+                Joined::Follower(shared.clone(), Arc::clone(fallback))
+            }
             Entry::Vacant(vacant) => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let (sender, receiver) = oneshot::channel();
                 let shared = receiver.map(Result::ok).boxed().shared();
-                vacant.insert((id, shared.clone()));
+                let fallback = Fallback::default();
+                vacant.insert((id, shared.clone(), Arc::clone(&fallback)));
                 let landing = Landing {
                     flights: Arc::clone(self),
                     key: key.clone(),
                     id,
                     sender: Some(sender),
                 };
-                Joined::Leader(landing, shared)
+                Joined::Leader(landing, shared, fallback)
             }
         }
     }
@@ -100,7 +108,7 @@ impl<T: Clone> Landing<T> {
     fn flights_remove(&self) {
         self.flights
             .map
-            .remove_if(&self.key, |_, (running, _)| *running == self.id);
+            .remove_if(&self.key, |_, (running, ..)| *running == self.id);
     }
 }
 
@@ -121,10 +129,10 @@ mod tests {
     async fn a_flight_leaves_the_map_before_its_waiters_hear_of_it() {
         let flights = Arc::new(Flights::<u32>::new());
         let key = Key::new("k");
-        let Joined::Leader(landing, shared) = flights.join_or_start(&key) else {
+        let Joined::Leader(landing, shared, _) = flights.join_or_start(&key) else {
             panic!("first caller leads")
         };
-        let Joined::Follower(follower) = flights.join_or_start(&key) else {
+        let Joined::Follower(follower, _) = flights.join_or_start(&key) else {
             panic!("second caller follows")
         };
         assert_eq!(flights.len(), 1);
@@ -137,7 +145,7 @@ mod tests {
     async fn a_dropped_landing_ends_the_flight_with_none() {
         let flights = Arc::new(Flights::<u32>::new());
         let key = Key::new("k");
-        let Joined::Leader(landing, shared) = flights.join_or_start(&key) else {
+        let Joined::Leader(landing, shared, _) = flights.join_or_start(&key) else {
             panic!("first caller leads")
         };
         drop(landing);
@@ -149,11 +157,11 @@ mod tests {
     async fn a_forgotten_flight_is_not_removed_by_its_late_landing_over_a_new_one() {
         let flights = Arc::new(Flights::<u32>::new());
         let key = Key::new("k");
-        let Joined::Leader(old, _) = flights.join_or_start(&key) else {
+        let Joined::Leader(old, ..) = flights.join_or_start(&key) else {
             panic!("first caller leads")
         };
         flights.forget(&key);
-        let Joined::Leader(_new, _) = flights.join_or_start(&key) else {
+        let Joined::Leader(_new, ..) = flights.join_or_start(&key) else {
             panic!("after forget, a new flight")
         };
         old.land(1);

@@ -2,7 +2,6 @@
 //! process that shares the backend, and a TTL window during which nobody runs the work again.
 
 use std::{
-    convert::Infallible,
     fmt,
     future::Future,
     panic::AssertUnwindSafe,
@@ -19,7 +18,7 @@ use tokio::time::Instant;
 use crate::{
     backend::{Acquire, Backend, BackendError, EntryKind, Lease, Lookup, Stamp, Wake},
     clock,
-    flight::{Flights, Joined},
+    flight::{Fallback, Flights, Joined},
     outcome::Counters,
     Key, MemoryBackend, Outcome, ParkError, Stats, Value, WaitTimeoutPolicy,
 };
@@ -242,23 +241,23 @@ impl<V: Value> Parker<V> {
             None => {}
         }
         let (outcome, result) = match inner.flights.join_or_start(&key) {
-            Joined::Leader(landing, flight) => {
+            Joined::Leader(landing, flight, fallback) => {
                 let task_inner = Arc::clone(inner);
                 tokio::spawn(async move {
-                    let landed = task_inner.fly(&key, lookup, work).await;
+                    let landed = task_inner.fly(&key, lookup, work, &fallback).await;
                     landing.land(landed);
                 });
                 flight
                     .await
                     .unwrap_or((Outcome::Miss, Err(ParkError::Cancelled)))
             }
-            Joined::Follower(flight) => {
+            Joined::Follower(flight, fallback) => {
                 let landed = match inner.wait_timeout {
                     Some(timeout) => tokio::time::timeout(timeout, flight).await.ok(),
                     None => Some(flight.await),
                 };
                 match landed {
-                    None => inner.after_wait_timeout(work).await,
+                    None => inner.after_wait_timeout(work, &fallback).await,
                     Some(Some((_, Ok(None)))) => (Outcome::Pass, inner.run_unshared(work).await),
                     Some(Some((_, result))) => (Outcome::Coalesced, result),
                     Some(None) => (Outcome::Coalesced, Err(ParkError::Cancelled)),
@@ -295,7 +294,13 @@ impl Found {
 
 impl<V: Value> Inner<V> {
     /// The flight, on its own task: find the value, or lead the work, or wait for the leader.
-    async fn fly<F, Fut>(&self, key: &Key, mut lookup: Lookup, work: F) -> Landed<V>
+    async fn fly<F, Fut>(
+        self: &Arc<Self>,
+        key: &Key,
+        mut lookup: Lookup,
+        work: F,
+        fallback: &Fallback<Landed<V>>,
+    ) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
@@ -327,7 +332,9 @@ impl<V: Value> Inner<V> {
                             lookup = Lookup::Check;
                             continue;
                         }
-                        Ok(Wake::TimedOut) => return self.after_wait_timeout(work).await,
+                        Ok(Wake::TimedOut) => {
+                            return self.after_wait_timeout(work, fallback).await
+                        }
                     }
                 }
             };
@@ -353,17 +360,17 @@ impl<V: Value> Inner<V> {
     }
 
     /// Runs the work as the leader, renewing the lease while it runs, then stores or releases.
-    async fn lead<F, Fut>(&self, lease: Lease, work: F, previous: Option<V>) -> Landed<V>
+    async fn lead<F, Fut>(self: &Arc<Self>, lease: Lease, work: F, previous: Option<V>) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
         let started = Instant::now();
-        let completion = tokio::select! {
-            biased;
-            completion = self.run_work(move || work(previous)) => completion,
-            never = self.renew_while_running(&lease) => match never {},
-        };
+        // On a task of its own, so that a handler that blocks its thread still holds its lease
+        // (on a multi-threaded runtime).
+        let renewal = tokio::spawn(Arc::clone(self).renew_while_running(lease.clone()));
+        let completion = self.run_work(move || work(previous)).await;
+        renewal.abort();
         let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let now = clock::now();
         let stamp = |kind, fresh_for: Duration, keep_for: Duration| Stamp {
@@ -379,12 +386,9 @@ impl<V: Value> Inner<V> {
                 let keep_for = keep.keep_for.max(keep.fresh_for);
                 // Not fresh and not kept: kept just long enough for the callers parked on this
                 // run elsewhere to pick it up.
-                let keep_for = if keep_for.is_zero() {
-                    HANDOFF
-                } else {
-                    keep_for
-                };
-                let entry = stamp(EntryKind::Value, keep.fresh_for, keep_for).seal(&value.encode());
+                let keep_for = if keep_for.is_zero() { HANDOFF } else { keep_for };
+                let entry =
+                    stamp(EntryKind::Value, keep.fresh_for, keep_for).seal(&value.encode());
                 let outcome = if keep.revalidated {
                     Outcome::Revalidated
                 } else {
@@ -393,25 +397,14 @@ impl<V: Value> Inner<V> {
                 (outcome, Ok(Some(value)), Some((entry, keep_for)))
             }
             Ok(Completion::Pass(pass_for)) => {
-                let entry = (!pass_for.is_zero()).then(|| {
-                    (
-                        stamp(EntryKind::Pass, pass_for, pass_for).seal(b""),
-                        pass_for,
-                    )
-                });
+                let entry = (!pass_for.is_zero())
+                    .then(|| (stamp(EntryKind::Pass, pass_for, pass_for).seal(b""), pass_for));
                 (Outcome::Miss, Ok(None), entry)
             }
             Err(error) => (Outcome::Miss, Err(error), None),
         };
         match entry {
-            Some((entry, keep_for)) => match self.backend.complete(&lease, entry, keep_for).await {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(
-                    key = %lease.key(),
-                    "the lease was lost or the key invalidated: this value is served but not stored"
-                ),
-                Err(error) => self.backend_failed("complete", &error),
-            },
+            Some((entry, keep_for)) => self.store(&lease, entry, keep_for).await,
             None => {
                 if let Err(error) = self.backend.release(&lease).await {
                     self.backend_failed("release", &error);
@@ -421,8 +414,36 @@ impl<V: Value> Inner<V> {
         (outcome, result)
     }
 
-    /// Extends the lease every `renew_every` for as long as it is polled.
-    async fn renew_while_running(&self, lease: &Lease) -> Infallible {
+    /// Stores the leader's entry, trying again while its lease would still be valid when a
+    /// failure may be a passing one (a connection being made again), so a blip does not lose
+    /// the run's result.
+    async fn store(&self, lease: &Lease, entry: bytes::Bytes, keep_for: Duration) {
+        let give_up = Instant::now() + lease.duration();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.backend.complete(lease, entry.clone(), keep_for).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(
+                        key = %lease.key(),
+                        "the lease was lost or the key invalidated: this value is served but not stored"
+                    );
+                    return;
+                }
+                Err(error) if Instant::now() + pause >= give_up => {
+                    self.backend_failed("complete", &error);
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Extends the lease every `renew_every` until aborted.
+    async fn renew_while_running(self: Arc<Self>, lease: Lease) {
         let every = self
             .backend
             .lease_settings()
@@ -430,14 +451,14 @@ impl<V: Value> Inner<V> {
             .max(Duration::from_millis(1));
         loop {
             tokio::time::sleep(every).await;
-            match self.backend.renew(lease).await {
+            match self.backend.renew(&lease).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(
                         key = %lease.key(),
                         "lost the lease while the work runs (renewal refused): another leader may run it too"
                     );
-                    return std::future::pending().await;
+                    return;
                 }
                 Err(error) => self.backend_failed("renew", &error),
             }
@@ -478,14 +499,30 @@ impl<V: Value> Inner<V> {
             })
     }
 
-    async fn after_wait_timeout<F, Fut>(&self, work: F) -> Landed<V>
+    /// What a caller gets once it gave up waiting for its flight's leader: the one run the
+    /// flight's callers make themselves (started by whoever gave up first), or the error.
+    async fn after_wait_timeout<F, Fut>(&self, work: F, fallback: &Fallback<Landed<V>>) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
     {
         let waited = self.wait_timeout.unwrap_or_default();
         match self.on_wait_timeout {
-            WaitTimeoutPolicy::RunLocally => (Outcome::Timeout, self.run_unshared(work).await),
+            WaitTimeoutPolicy::RunLocally => {
+                let mut ran = false;
+                let landed = fallback
+                    .get_or_init(|| {
+                        ran = true;
+                        async { (Outcome::Timeout, self.run_unshared(work).await) }
+                    })
+                    .await
+                    .clone();
+                match landed {
+                    // A private value went to the caller whose work ran; the others run theirs.
+                    (outcome, Ok(None)) if !ran => (outcome, Err(ParkError::Cancelled)),
+                    landed => landed,
+                }
+            }
             WaitTimeoutPolicy::Fail => (Outcome::Timeout, Err(ParkError::WaitTimeout(waited))),
         }
     }
