@@ -269,6 +269,13 @@ impl<V: Value> Parker<V> {
     }
 }
 
+fn refused(lease: &Lease) {
+    tracing::warn!(
+        key = %lease.key(),
+        "the lease was lost or the key invalidated: this value is served but not stored"
+    );
+}
+
 /// A stored entry, read.
 enum Found {
     Value(bytes::Bytes),
@@ -404,7 +411,19 @@ impl<V: Value> Inner<V> {
             Err(error) => (Outcome::Miss, Err(error), None),
         };
         match entry {
-            Some((entry, keep_for)) => self.store(&lease, entry, keep_for).await,
+            Some((entry, keep_for)) => {
+                match self.backend.complete(&lease, entry.clone(), keep_for).await {
+                    Ok(true) => {}
+                    Ok(false) => refused(&lease),
+                    Err(error) => {
+                        // The callers of this flight are not kept waiting for Redis to come back.
+                        let this = Arc::clone(self);
+                        tokio::spawn(
+                            async move { this.store(&lease, entry, keep_for, error).await },
+                        );
+                    }
+                }
+            }
             None => {
                 if let Err(error) = self.backend.release(&lease).await {
                     self.backend_failed("release", &error);
@@ -414,32 +433,23 @@ impl<V: Value> Inner<V> {
         (outcome, result)
     }
 
-    /// Stores the leader's entry, trying again while its lease would still be valid when a
-    /// failure may be a passing one (a connection being made again), so a blip does not lose
-    /// the run's result.
-    async fn store(&self, lease: &Lease, entry: bytes::Bytes, keep_for: Duration) {
+    /// Stores the leader's entry after a first attempt failed with `error`, trying again while
+    /// its lease would still be valid (the failure may be a passing one, a connection being made
+    /// again), so that a blip does not lose the run's result.
+    async fn store(&self, lease: &Lease, entry: bytes::Bytes, keep_for: Duration, error: BackendError) {
         let give_up = Instant::now() + lease.duration();
         let mut pause = Duration::from_millis(20);
-        loop {
+        let mut error = error;
+        while Instant::now() + pause < give_up {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
             match self.backend.complete(lease, entry.clone(), keep_for).await {
                 Ok(true) => return,
-                Ok(false) => {
-                    tracing::warn!(
-                        key = %lease.key(),
-                        "the lease was lost or the key invalidated: this value is served but not stored"
-                    );
-                    return;
-                }
-                Err(error) if Instant::now() + pause >= give_up => {
-                    self.backend_failed("complete", &error);
-                    return;
-                }
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
+                Ok(false) => return refused(lease),
+                Err(again) => error = again,
             }
         }
+        self.backend_failed("complete", &error);
     }
 
     /// Extends the lease every `renew_every` until aborted.

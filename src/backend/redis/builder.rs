@@ -7,15 +7,16 @@ use fred::{
     error::{Error as FredError, ErrorKind},
     interfaces::{ClientLike, ConfigInterface, KeysInterface, PubsubInterface},
     types::{
-        config::{Config, ReconnectPolicy},
+        config::{Config, ReconnectPolicy, UnresponsiveConfig},
         Builder, Expiration, Value,
     },
 };
 
 use super::{
+    health::Health,
     local::LocalWindow,
     scripts::Scripts,
-    waiter::{self, CommandConnection, Streams, Waiters},
+    waiter::{self, CommandConnection, Dispatch, Streams, Waiters},
     Inner, Nonces, RedisBackend,
 };
 use crate::{BoxError, FailurePolicy, LeaseSettings};
@@ -23,6 +24,10 @@ use crate::{BoxError, FailurePolicy, LeaseSettings};
 /// The keyspace-notification classes the backend needs: `K` (keyspace channel), `g` (`del`), `$`
 /// (`set`) and `x` (`expired`).
 const NEEDED_FLAGS: [char; 4] = ['K', 'g', '$', 'x'];
+
+/// Classes the backend turns on too when it may, but does without: `e` (`evicted`), so that a
+/// lock evicted under `maxmemory` wakes its waiters at once rather than at their next re-check.
+const WANTED_FLAGS: [char; 1] = ['e'];
 
 /// What the `A` flag of `notify-keyspace-events` stands for.
 const ALIAS_ALL: &str = "g$lshzxetd";
@@ -49,6 +54,7 @@ const NOTIFICATION_BACKLOG: usize = 16 * 1024;
 /// | [`failure_policy`](RedisBackendBuilder::failure_policy) | [`FailurePolicy::FailOpen`] |
 /// | [`enable_keyspace_events`](RedisBackendBuilder::enable_keyspace_events) | `false` |
 /// | [`local_window_bytes`](RedisBackendBuilder::local_window_bytes) | 64 MiB |
+/// | [`local_window_staleness`](RedisBackendBuilder::local_window_staleness) | 1 second |
 #[derive(Debug, Clone)]
 pub struct RedisBackendBuilder {
     url: String,
@@ -59,6 +65,7 @@ pub struct RedisBackendBuilder {
     failure_policy: FailurePolicy,
     enable_keyspace_events: bool,
     local_window_bytes: usize,
+    local_window_staleness: Duration,
 }
 
 impl RedisBackendBuilder {
@@ -72,6 +79,7 @@ impl RedisBackendBuilder {
             failure_policy: FailurePolicy::FailOpen,
             enable_keyspace_events: false,
             local_window_bytes: 64 * 1024 * 1024,
+            local_window_staleness: Duration::from_secs(1),
         }
     }
 
@@ -132,6 +140,16 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// The most a copy in the local window may lag behind Redis, whatever happens to keyspace
+    /// notifications (default 1 second). A copy read from Redis longer ago than this is read
+    /// again before it is served (so a `FLUSHALL`, which sends no notification per key, is seen
+    /// within it), and nothing is served from the window while the backend's canary, a key it
+    /// writes every quarter of this, is not heard back through the notifications.
+    pub fn local_window_staleness(mut self, bound: Duration) -> Self {
+        self.local_window_staleness = bound.max(Duration::from_millis(40));
+        self
+    }
+
     /// Connects (one command connection, one subscriber connection), subscribes to the keyspace
     /// notifications under the prefix, checks the server's `notify-keyspace-events` setting and
     /// loads the scripts.
@@ -166,7 +184,18 @@ impl RedisBackendBuilder {
         // The streams exist before the subscription is acknowledged: nothing after it is lost.
         let streams = Streams::of(&client, &subscriber);
         let patterns = waiter::keyspace_patterns(db, &self.prefix);
-        if let Err(error) = subscriber.psubscribe(patterns.clone()).await {
+        let nonces = Nonces::new();
+        let health = Arc::new(Health::new(
+            &self.prefix,
+            db,
+            &nonces.next(),
+            self.local_window_staleness,
+        ));
+        let subscribed = async {
+            subscriber.psubscribe(patterns.clone()).await?;
+            subscriber.subscribe(health.canary_channel.as_str()).await
+        };
+        if let Err(error) = subscribed.await {
             quit().await;
             return Err(setup_error(error));
         }
@@ -178,15 +207,23 @@ impl RedisBackendBuilder {
             }
         };
         let waiters = Arc::new(Waiters::default());
-        let local = Arc::new(LocalWindow::new(self.local_window_bytes));
+        let local = Arc::new(LocalWindow::new(
+            self.local_window_bytes,
+            Arc::clone(&health),
+        ));
         let command_connection = Arc::new(CommandConnection::new());
         let dispatcher = tokio::spawn(waiter::dispatch(
-            Arc::clone(&waiters),
-            Arc::clone(&local),
-            Arc::clone(&command_connection),
-            subscriber.clone(),
-            patterns,
-            self.prefix.clone(),
+            Dispatch {
+                waiters: Arc::clone(&waiters),
+                local: Arc::clone(&local),
+                command_connection: Arc::clone(&command_connection),
+                health: Arc::clone(&health),
+                client: client.clone(),
+                subscriber: subscriber.clone(),
+                patterns,
+                prefix: self.prefix.clone(),
+                enable_keyspace_events: self.enable_keyspace_events,
+            },
             streams,
         ));
         // From here on, dropping the backend closes the connections and stops the dispatcher.
@@ -206,7 +243,8 @@ impl RedisBackendBuilder {
                 },
                 command_timeout: self.command_timeout,
                 failure_policy: self.failure_policy,
-                nonces: Nonces::new(),
+                nonces,
+                health,
             }),
         };
         check_keyspace_events(&backend, self.enable_keyspace_events).await?;
@@ -227,6 +265,12 @@ impl RedisBackendBuilder {
                 // next one: an acquire must not take a lock its caller never hears about.
                 connection.max_command_attempts = 1;
                 connection.tcp.nodelay = Some(true);
+                // A half-open connection (dropped silently by a proxy or NAT) is noticed when a
+                // command or PING on it goes unanswered this long, and made again.
+                connection.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some((self.command_timeout * 2).max(Duration::from_secs(2))),
+                    interval: Duration::from_millis(250),
+                };
             })
             .with_performance_config(|performance| {
                 performance.default_command_timeout = self.command_timeout;
@@ -302,6 +346,28 @@ fn missing_flags(current: &str) -> String {
         .collect()
 }
 
+/// The flags of [`WANTED_FLAGS`] that `current` lacks.
+fn missing_wanted(current: &str) -> String {
+    WANTED_FLAGS
+        .into_iter()
+        .filter(|&flag| !current.contains(flag) && !current.contains('A'))
+        .collect()
+}
+
+/// Turns on the notification classes the backend needs (and wants) that the server lacks, as
+/// `build` does with `enable_keyspace_events(true)`: after a restart or a failover lost them.
+pub(super) async fn turn_on_keyspace_events(client: &Client) -> Result<(), FredError> {
+    let current = setting_value(client.config_get::<Value, _>(SETTING).await?);
+    let missing = format!("{}{}", missing_flags(&current), missing_wanted(&current));
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let now = format!("{current}{missing}");
+    client.config_set::<_, _>(SETTING, now.as_str()).await?;
+    tracing::warn!(previous = %current, %now, "the Redis keyspace notifications tower-parking needs were off again (restart, failover, CONFIG SET?): turned them back on");
+    Ok(())
+}
+
 /// Checks `notify-keyspace-events`, and turns on what is missing if `enable`.
 async fn check_keyspace_events(
     backend: &RedisBackend,
@@ -325,13 +391,14 @@ async fn check_keyspace_events(
         }
     };
     let missing = missing_flags(&current);
-    if missing.is_empty() {
+    if missing.is_empty() && (!enable || missing_wanted(&current).is_empty()) {
         return Ok(());
     }
     let needed = format!("{current}{missing}");
     if !enable {
         return Err(RedisSetupError::KeyspaceEventsDisabled { current, needed });
     }
+    let needed = format!("{needed}{}", missing_wanted(&current));
     match client.config_set(SETTING, needed.as_str()).await {
         Ok(()) => {
             tracing::info!(previous = %current, now = %needed, "turned on the Redis keyspace notifications tower-parking needs");

@@ -44,6 +44,7 @@ use super::{
 use crate::Key;
 
 mod builder;
+mod health;
 mod local;
 mod scripts;
 mod waiter;
@@ -110,6 +111,7 @@ struct Inner {
     command_timeout: Duration,
     failure_policy: FailurePolicy,
     nonces: Nonces,
+    health: Arc<health::Health>,
 }
 
 impl Drop for Inner {
@@ -238,7 +240,12 @@ impl RedisBackend {
         args: Vec<Value>,
     ) -> Result<Value, Failure> {
         let inner = &*self.inner;
-        if !inner.command_connection.is_up() || inner.client.state() != ClientState::Connected {
+        if !inner
+            .command_connection
+            .up_within(inner.command_timeout)
+            .await
+            || inner.client.state() != ClientState::Connected
+        {
             return Err(Failure {
                 error: BackendError::new(format_args!(
                     "{operation}: not connected to Redis (reconnecting)"
@@ -573,8 +580,11 @@ impl Backend for RedisBackend {
                     return Ok(Wake::TimedOut);
                 }
                 // Notifications are fire-and-forget: a dead leader's lock is looked at again
-                // once it should have expired, notified or not.
-                let look_again = now + expires_in + EXPIRY_MARGIN;
+                // once it should have expired, notified or not, and every lock again after a
+                // while anyway (one removed without a notification, by `FLUSHALL` or eviction,
+                // costs no more; while notifications are known to be down, tens of ms).
+                let look_again =
+                    now + (expires_in + EXPIRY_MARGIN).min(self.inner.health.recheck_after());
                 match deadline {
                     Some(deadline) if deadline <= look_again => {
                         tokio::select! {

@@ -16,12 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::local::LocalWindow;
+use super::{health::Health, local::LocalWindow};
 use dashmap::{mapref::entry::Entry, DashMap};
 use fred::{
     clients::{Client, SubscriberClient},
-    interfaces::{EventInterface, PubsubInterface},
-    types::{config::Server, KeyspaceEvent},
+    interfaces::{EventInterface, HeartbeatInterface, KeysInterface, PubsubInterface},
+    types::{config::Server, Expiration, KeyspaceEvent},
 };
 use tokio::sync::{
     broadcast::{error::RecvError, Receiver},
@@ -211,6 +211,9 @@ pub(super) struct CommandConnection {
     since: Instant,
     /// Milliseconds after `since` until which the connection counts as down.
     down_until: AtomicU64,
+    /// Milliseconds after `since` when it last went down.
+    went_down_at: AtomicU64,
+    back: Notify,
 }
 
 impl CommandConnection {
@@ -221,7 +224,31 @@ impl CommandConnection {
         Self {
             since: Instant::now(),
             down_until: AtomicU64::new(0),
+            went_down_at: AtomicU64::new(0),
+            back: Notify::new(),
         }
+    }
+
+    /// Whether the connection is up, waiting for it to come back when it went down less than
+    /// `blip` ago: a connection being made again is a blip, not an outage, and a command that
+    /// waits for it does not fail open (nor run the work in every process at once).
+    pub(super) async fn up_within(&self, blip: Duration) -> bool {
+        if self.is_up() {
+            return true;
+        }
+        let blip_ends = self.went_down_at.load(Ordering::Acquire) + blip.as_millis() as u64;
+        let left = blip_ends.saturating_sub(self.now());
+        if left == 0 {
+            return false;
+        }
+        let back = self.back.notified();
+        tokio::pin!(back);
+        back.as_mut().enable();
+        if self.is_up() {
+            return true;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(left), back).await;
+        self.is_up()
     }
 
     fn now(&self) -> u64 {
@@ -233,58 +260,97 @@ impl CommandConnection {
     }
 
     fn went_down(&self) {
-        let until = self.now().saturating_add(Self::DOWN_FOR.as_millis() as u64);
+        let now = self.now();
+        if self.is_up() {
+            self.went_down_at.store(now, Ordering::Release);
+        }
+        let until = now.saturating_add(Self::DOWN_FOR.as_millis() as u64);
         self.down_until.store(until, Ordering::Release);
     }
 
     fn came_back(&self) {
         self.down_until.store(0, Ordering::Release);
+        self.back.notify_waiters();
     }
 }
 
-/// Turns the connections' events into wake-ups until the clients quit.
-pub(super) async fn dispatch(
-    waiters: Arc<Waiters>,
-    local: Arc<LocalWindow>,
-    command_connection: Arc<CommandConnection>,
-    subscriber: SubscriberClient,
-    patterns: Vec<String>,
-    prefix: String,
-    streams: Streams,
-) {
-    // Two loops, so that re-subscribing never delays hearing that the command connection dropped.
+/// What the dispatcher needs besides the connections' events.
+pub(super) struct Dispatch {
+    pub(super) waiters: Arc<Waiters>,
+    pub(super) local: Arc<LocalWindow>,
+    pub(super) command_connection: Arc<CommandConnection>,
+    pub(super) health: Arc<Health>,
+    pub(super) client: Client,
+    pub(super) subscriber: SubscriberClient,
+    pub(super) patterns: Vec<String>,
+    pub(super) prefix: String,
+    /// Whether the backend may turn the keyspace notifications back on when they are lost.
+    pub(super) enable_keyspace_events: bool,
+}
+
+/// Turns the connections' events into wake-ups, and keeps the canary flying, until the clients
+/// quit.
+pub(super) async fn dispatch(dispatch: Dispatch, streams: Streams) {
+    // Separate loops, so that re-subscribing never delays hearing that the command connection
+    // dropped, nor the canary.
     tokio::join!(
-        wake_on_notifications(
-            &waiters,
-            &local,
-            &subscriber,
-            &patterns,
-            &prefix,
-            streams.keyspace,
-            streams.subscriber_reconnects,
-        ),
-        track_command_connection(
-            &waiters,
-            &command_connection,
-            streams.command_errors,
-            streams.command_reconnects,
-        ),
+        wake_on_notifications(&dispatch, streams.keyspace, streams.subscriber_reconnects),
+        track_command_connection(&dispatch, streams.command_errors, streams.command_reconnects),
+        fly_canary(&dispatch),
+        async {
+            // PINGs on the subscriber connection let fred notice it is unresponsive (half-open).
+            let _ = dispatch
+                .subscriber
+                .enable_heartbeat(HEARTBEAT, false)
+                .await;
+        },
     );
 }
 
+/// How often the subscriber connection is pinged.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Subscribes (acknowledged) to the keyspace patterns and the canary's channel, trying again with
+/// backoff until it succeeds or the client quits.
+pub(super) async fn subscribe(subscriber: &SubscriberClient, patterns: &[String], canary: &str) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let result = async {
+            subscriber.psubscribe(patterns.to_vec()).await?;
+            subscriber.subscribe(canary).await
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?pause, "could not subscribe to keyspace notifications: parked requests poll Redis until it works");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 async fn wake_on_notifications(
-    waiters: &Waiters,
-    local: &LocalWindow,
-    subscriber: &SubscriberClient,
-    patterns: &[String],
-    prefix: &str,
+    dispatch: &Dispatch,
     mut keyspace: Receiver<KeyspaceEvent>,
     mut reconnects: Receiver<Server>,
 ) {
+    let Dispatch {
+        waiters,
+        local,
+        health,
+        prefix,
+        ..
+    } = dispatch;
     loop {
         tokio::select! {
             event = keyspace.recv() => match event {
                 Ok(event) => {
+                    if event.key.as_str() == Some(health.canary_key.as_str()) {
+                        health.heard_canary();
+                        continue;
+                    }
                     let effect = effect(prefix, &event);
                     match &effect.forget {
                         Some(Ok(hash)) => local.forget(hash),
@@ -304,11 +370,11 @@ async fn wake_on_notifications(
             },
             reconnected = reconnects.recv() => match reconnected {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
+                    health.lost();
+                    local.clear();
                     // A new connection has no subscription: subscribe (acknowledged) before the
                     // waiters re-check, so whatever changes after their re-check is notified.
-                    if let Err(error) = subscriber.psubscribe(patterns.to_vec()).await {
-                        tracing::warn!(%error, "could not re-subscribe to keyspace notifications after a reconnect: waits fall back to lock expiry until the next reconnect");
-                    }
+                    subscribe(&dispatch.subscriber, &dispatch.patterns, &health.canary_channel).await;
                     local.clear();
                     waiters.wake_everyone();
                 }
@@ -318,12 +384,63 @@ async fn wake_on_notifications(
     }
 }
 
+/// Writes the canary every quarter of the bound; when it has not been heard for a bound, drops
+/// the local window, wakes the waiters (they poll from then on), says why, and turns the
+/// notifications back on when it may.
+async fn fly_canary(dispatch: &Dispatch) {
+    let Dispatch {
+        health,
+        client,
+        local,
+        waiters,
+        ..
+    } = dispatch;
+    let every = (health.bound / 4).max(Duration::from_millis(10));
+    let mut was_alive = false;
+    let mut last_repair: Option<Instant> = None;
+    let mut beat: u64 = 0;
+    loop {
+        beat += 1;
+        let expiry = Expiration::PX(i64::try_from(health.bound.as_millis() * 4).unwrap_or(i64::MAX));
+        let write = client.set::<(), _, _>(&health.canary_key, beat, Some(expiry), None, false);
+        let _ = tokio::time::timeout(health.bound, write).await;
+        tokio::time::sleep(every).await;
+        let alive = health.alive();
+        if was_alive && !alive {
+            local.clear();
+            waiters.wake_everyone();
+            tracing::warn!(
+                bound = ?health.bound,
+                "keyspace notifications stopped arriving (flags turned off, a failover, a half-open connection?): \
+                 the local window is off and parked requests poll Redis until they arrive again"
+            );
+        }
+        if !alive
+            && dispatch.enable_keyspace_events
+            && last_repair.is_none_or(|last| last.elapsed() >= REPAIR_EVERY)
+        {
+            last_repair = Some(Instant::now());
+            if let Err(error) = super::builder::turn_on_keyspace_events(client).await {
+                tracing::debug!(%error, "could not turn the keyspace notifications back on");
+            }
+        }
+        was_alive = alive;
+    }
+}
+
+/// How often a backend allowed to may try to turn lost keyspace notifications back on.
+const REPAIR_EVERY: Duration = Duration::from_secs(2);
+
 async fn track_command_connection(
-    waiters: &Waiters,
-    command_connection: &CommandConnection,
+    dispatch: &Dispatch,
     mut errors: Receiver<(fred::error::Error, Option<Server>)>,
     mut reconnects: Receiver<Server>,
 ) {
+    let Dispatch {
+        waiters,
+        command_connection,
+        ..
+    } = dispatch;
     loop {
         tokio::select! {
             error = errors.recv() => match error {
@@ -336,7 +453,18 @@ async fn track_command_connection(
                 Err(RecvError::Closed) => break,
             },
             reconnected = reconnects.recv() => match reconnected {
-                Ok(_) | Err(RecvError::Lagged(_)) => command_connection.came_back(),
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    command_connection.came_back();
+                    // A restarted Redis (or a new primary) may have lost the settings
+                    // `CONFIG SET` made: they are not persisted.
+                    if dispatch.enable_keyspace_events {
+                        if let Err(error) =
+                            super::builder::turn_on_keyspace_events(&dispatch.client).await
+                        {
+                            tracing::warn!(%error, "could not check the keyspace notifications after a reconnect");
+                        }
+                    }
+                }
                 Err(RecvError::Closed) => break,
             },
         }
