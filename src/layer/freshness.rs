@@ -335,7 +335,17 @@ pub(crate) fn refreshed(
             ] {
                 update.remove(name);
             }
-            let merged = keep_lines(&parts.headers, &[&update, &stored.headers]);
+            let mut merged = keep_lines(&parts.headers, &[&update, &stored.headers]);
+            // RFC 9111 §3.2: the 304's fields are added as well as replaced; the library only
+            // replaces the fields the stored response had. (Hop-by-hop ones are dropped by
+            // `judge`, as for any response.)
+            for name in update.keys() {
+                if name != header::AGE && !merged.contains_key(name) {
+                    for value in update.get_all(name) {
+                        merged.append(name.clone(), value.clone());
+                    }
+                }
+            }
             Some(judge(
                 request,
                 stored.status,
