@@ -259,6 +259,8 @@ impl<V: Value> Parker<V> {
                 match landed {
                     None => inner.after_wait_timeout(work, &fallback).await,
                     Some(Some((_, Ok(None)))) => (Outcome::Pass, inner.run_unshared(work).await),
+                    // The flight gave up on its leader and ran the work itself, for all.
+                    Some(Some((Outcome::Timeout, result))) => (Outcome::Timeout, result),
                     Some(Some((_, result))) => (Outcome::Coalesced, result),
                     Some(None) => (Outcome::Coalesced, Err(ParkError::Cancelled)),
                 }
@@ -339,9 +341,7 @@ impl<V: Value> Inner<V> {
                             lookup = Lookup::Check;
                             continue;
                         }
-                        Ok(Wake::TimedOut) => {
-                            return self.after_wait_timeout(work, fallback).await
-                        }
+                        Ok(Wake::TimedOut) => return self.after_wait_timeout(work, fallback).await,
                     }
                 }
             };
@@ -376,6 +376,9 @@ impl<V: Value> Inner<V> {
         // On a task of its own, so that a handler that blocks its thread still holds its lease
         // (on a multi-threaded runtime).
         let renewal = tokio::spawn(Arc::clone(self).renew_while_running(lease.clone()));
+        // Lets the renewal start (and so leave this worker's own slot, which no other worker may
+        // take it from) before the work may block this worker.
+        tokio::task::yield_now().await;
         let completion = self.run_work(move || work(previous)).await;
         renewal.abort();
         let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -393,9 +396,12 @@ impl<V: Value> Inner<V> {
                 let keep_for = keep.keep_for.max(keep.fresh_for);
                 // Not fresh and not kept: kept just long enough for the callers parked on this
                 // run elsewhere to pick it up.
-                let keep_for = if keep_for.is_zero() { HANDOFF } else { keep_for };
-                let entry =
-                    stamp(EntryKind::Value, keep.fresh_for, keep_for).seal(&value.encode());
+                let keep_for = if keep_for.is_zero() {
+                    HANDOFF
+                } else {
+                    keep_for
+                };
+                let entry = stamp(EntryKind::Value, keep.fresh_for, keep_for).seal(&value.encode());
                 let outcome = if keep.revalidated {
                     Outcome::Revalidated
                 } else {
@@ -404,8 +410,12 @@ impl<V: Value> Inner<V> {
                 (outcome, Ok(Some(value)), Some((entry, keep_for)))
             }
             Ok(Completion::Pass(pass_for)) => {
-                let entry = (!pass_for.is_zero())
-                    .then(|| (stamp(EntryKind::Pass, pass_for, pass_for).seal(b""), pass_for));
+                let entry = (!pass_for.is_zero()).then(|| {
+                    (
+                        stamp(EntryKind::Pass, pass_for, pass_for).seal(b""),
+                        pass_for,
+                    )
+                });
                 (Outcome::Miss, Ok(None), entry)
             }
             Err(error) => (Outcome::Miss, Err(error), None),
@@ -436,7 +446,13 @@ impl<V: Value> Inner<V> {
     /// Stores the leader's entry after a first attempt failed with `error`, trying again while
     /// its lease would still be valid (the failure may be a passing one, a connection being made
     /// again), so that a blip does not lose the run's result.
-    async fn store(&self, lease: &Lease, entry: bytes::Bytes, keep_for: Duration, error: BackendError) {
+    async fn store(
+        &self,
+        lease: &Lease,
+        entry: bytes::Bytes,
+        keep_for: Duration,
+        error: BackendError,
+    ) {
         let give_up = Instant::now() + lease.duration();
         let mut pause = Duration::from_millis(20);
         let mut error = error;

@@ -17,7 +17,7 @@ use tower_parking::{
 
 mod support;
 
-use support::{acquired, eventually, payload, redis_key, sealed, RedisServer, TempDir};
+use support::{acquired, entry, eventually, payload, redis_key, sealed, RedisServer, TempDir};
 
 /// A plain client, to look at and poke the server from outside the backend.
 async fn inspector(server: &RedisServer) -> Client {
@@ -81,7 +81,11 @@ async fn one_leader_then_the_stored_value_for_everyone() {
     // The Redis keys are hashed and hash-tagged; the lock is gone, the value has its TTL.
     let inspector = inspector(&server).await;
     let resp: Option<String> = inspector.get(redis_key(&key, "resp")).await.unwrap();
-    assert_eq!(resp.as_deref(), Some("report"));
+    let resp = resp.expect("stored");
+    assert!(
+        resp.starts_with("0 TP2 ") && resp.ends_with("\nreport"),
+        "generation 0 and the entry: {resp}"
+    );
     let lock_exists: i64 = inspector.exists(redis_key(&key, "lock")).await.unwrap();
     assert_eq!(lock_exists, 0);
     let pttl: i64 = inspector.pttl(redis_key(&key, "resp")).await.unwrap();
@@ -385,10 +389,13 @@ async fn two_connections_per_backend_however_many_waits() {
 
     let open = connections(&inspector).await;
     assert_eq!(open.len(), 4, "200 waits opened connections: {open:#?}");
-    let subscribers = open.iter().filter(|line| line.contains("psub=2")).count();
+    let subscribers = open
+        .iter()
+        .filter(|line| line.contains("psub=3") && line.contains(" sub=1 "))
+        .count();
     assert_eq!(
         subscribers, 2,
-        "one subscriber (values and locks) per backend: {open:#?}"
+        "one subscriber (entries, locks, generations; its canary) per backend: {open:#?}"
     );
 
     let completed = Instant::now();
@@ -424,15 +431,16 @@ async fn redis_down_fails_fast_and_a_restarted_redis_is_picked_up() {
 
     let killed = Instant::now();
     server.kill();
-    // The parked waiter hears the subscriber drop, re-checks, and fails: its caller's failure
-    // policy applies long before the 10 s lease would have ended the wait.
+    // The parked waiter hears the subscriber drop, re-checks, waits out what could be a blip
+    // (the 1 s command timeout), and fails: its caller's failure policy applies long before the
+    // 10 s lease would have ended the wait.
     let (waited, failed) = tokio::time::timeout(Duration::from_secs(3), waiter)
         .await
         .expect("a wait hung while Redis was down")
         .unwrap();
     assert!(waited.is_err(), "{waited:?}");
     assert!(
-        failed - killed < Duration::from_millis(500),
+        failed - killed < Duration::from_millis(1_500),
         "{:?}",
         failed - killed
     );
@@ -800,7 +808,7 @@ async fn read_until_kept(backend: &RedisBackend, key: &Key, expected: &str) {
             }
             backend
                 .peek(key)
-                .is_some_and(|kept| kept == expected)
+                .is_some_and(|kept| payload(&kept) == expected)
                 .then_some(())
         },
     )
@@ -820,8 +828,21 @@ async fn until_not_kept(backend: &RedisBackend, key: &Key) -> Duration {
 /// Writes `value` at the Redis key `key`, expiring in `expires_in_ms`, behind the backends' back
 /// (as another version of the application or an operator would).
 async fn write_directly(inspector: &Client, key: &str, value: &str, expires_in_ms: i64) {
+    // The URI's current generation and an entry as the parker writes it, fresh as long as it
+    // lives in Redis.
+    let (uri, _) = key.split_once('}').expect("a hash-tagged key");
+    let generation: Option<String> = inspector.get(format!("{uri}}}:gen")).await.unwrap();
+    let entry = entry(1, Duration::from_millis(expires_in_ms as u64), value.as_bytes());
+    let mut stored = format!("{} ", generation.as_deref().unwrap_or("0")).into_bytes();
+    stored.extend_from_slice(&entry);
     let _: () = inspector
-        .set(key, value, Some(Expiration::PX(expires_in_ms)), None, false)
+        .set(
+            key,
+            stored.as_slice(),
+            Some(Expiration::PX(expires_in_ms)),
+            None,
+            false,
+        )
         .await
         .unwrap();
 }

@@ -11,13 +11,19 @@ use tower_parking::{
 /// An entry as the parker stores it: `value`, written under `lease`, fresh and kept for
 /// `fresh_for` from now.
 pub fn sealed(lease: &Lease, fresh_for: Duration, value: &[u8]) -> Bytes {
+    entry(lease.fence(), fresh_for, value)
+}
+
+/// An entry as the parker stores it: `value`, written under `fence`, fresh and kept for
+/// `fresh_for` from now.
+pub fn entry(fence: u64, fresh_for: Duration, value: &[u8]) -> Bytes {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64;
     let until = now + fresh_for.as_micros() as u64;
     Stamp {
-        fence: lease.fence(),
+        fence,
         fresh_until: until,
         keep_until: until,
         stored_at: now,

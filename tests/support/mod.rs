@@ -24,6 +24,8 @@ mod backend;
 mod choreography;
 mod client;
 #[cfg(feature = "redis")]
+pub mod fleet;
+#[cfg(feature = "redis")]
 mod instance;
 mod process;
 mod redis_server;
@@ -31,7 +33,7 @@ mod redis_server;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(feature = "redis")]
-pub use backend::{acquired, payload, redis_key, sealed};
+pub use backend::{acquired, entry, payload, redis_key, sealed};
 pub use choreography::{
     burst, counting_waits, eventually, join_spawned, quiet_deliberate_panics, spawn_burst,
     spawn_joined, tracked, within, Gate, Tally, Work, DELIBERATE, HANG,

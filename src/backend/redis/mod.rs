@@ -279,8 +279,8 @@ impl RedisBackend {
         awaited: &str,
     ) -> Result<Peeked, BackendError> {
         let generation = self.inner.local.generation();
-        let reply = self
-            .run(
+        let peek = || {
+            self.run(
                 "wait",
                 &self.inner.scripts.peek,
                 vec![keys.resp.clone(), keys.lock.clone(), keys.gen.clone()],
@@ -290,7 +290,25 @@ impl RedisBackend {
                     awaited.into(),
                 ],
             )
-            .await?;
+        };
+        // Cut off by a connection that dropped: a look changes nothing, so it is asked again
+        // while the connection is being made again (within the command timeout), rather than
+        // failing a parked request over a blip.
+        let give_up = Instant::now() + self.inner.command_timeout;
+        let mut pause = Duration::from_millis(10);
+        let reply = loop {
+            match peek().await {
+                Err(failure) if !failure.may_still_run && Instant::now() + pause < give_up => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    let connection = &self.inner.command_connection;
+                    if !connection.up_within(self.inner.command_timeout).await {
+                        return Err(failure.error);
+                    }
+                }
+                reply => break reply?,
+            }
+        };
         let mut items = reply.into_array().into_iter();
         let tag = items.next().and_then(|tag| tag.as_string());
         let peeked = match tag.as_deref() {

@@ -295,14 +295,15 @@ pub(super) async fn dispatch(dispatch: Dispatch, streams: Streams) {
     // dropped, nor the canary.
     tokio::join!(
         wake_on_notifications(&dispatch, streams.keyspace, streams.subscriber_reconnects),
-        track_command_connection(&dispatch, streams.command_errors, streams.command_reconnects),
+        track_command_connection(
+            &dispatch,
+            streams.command_errors,
+            streams.command_reconnects
+        ),
         fly_canary(&dispatch),
         async {
             // PINGs on the subscriber connection let fred notice it is unresponsive (half-open).
-            let _ = dispatch
-                .subscriber
-                .enable_heartbeat(HEARTBEAT, false)
-                .await;
+            let _ = dispatch.subscriber.enable_heartbeat(HEARTBEAT, false).await;
         },
     );
 }
@@ -401,7 +402,8 @@ async fn fly_canary(dispatch: &Dispatch) {
     let mut beat: u64 = 0;
     loop {
         beat += 1;
-        let expiry = Expiration::PX(i64::try_from(health.bound.as_millis() * 4).unwrap_or(i64::MAX));
+        let expiry =
+            Expiration::PX(i64::try_from(health.bound.as_millis() * 4).unwrap_or(i64::MAX));
         let write = client.set::<(), _, _>(&health.canary_key, beat, Some(expiry), None, false);
         let _ = tokio::time::timeout(health.bound, write).await;
         tokio::time::sleep(every).await;

@@ -1,0 +1,293 @@
+//! The bounds the Redis backend keeps under faults (issue 8), against a real redis-server that
+//! the tests start, kill and reconfigure, and instances that each have their own backend, layer
+//! and HTTP server (`support::Instance`, as separate processes would).
+//!
+//! Each test asserts the bound users rely on: how stale a local copy can be, how long a parked
+//! request waits, how many times the handler runs.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{
+    eventually,
+    fleet::{
+        assert_all_served, outcomes, parking, slow_app, start_instances, urls, wait_all_in, SOON,
+    },
+    Gate, HttpClient, RedisServer, Tally,
+};
+use tower_parking::WaitTimeoutPolicy;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The local window's default staleness bound.
+const BOUND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_is_seen_within_the_staleness_bound() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let app = slow_app(&runs, |_, _| async {});
+    let parked = Tally::new();
+    let instances = start_instances(2, &redis, |b| b, || parking(&parked, MINUTE), &app);
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+
+    let first = client.get(&a.url("/slow/k")).await.unwrap();
+    assert_eq!((first.outcome(), first.text()), ("miss", "k run 1".into()));
+    // `b` reads it from Redis once, then serves it from its local window.
+    let hits = client.get_all_ok(urls(&[b], "/slow/k", 2)).await;
+    assert_all_served(&hits, "k run 1");
+
+    // FLUSHALL sends no notification per key: only the bound protects `b`'s copy.
+    let flushed = Instant::now();
+    assert_eq!(redis.cmd(&["FLUSHALL"]).text(), "OK");
+    let fresh_after = eventually(SOON, "b to see the flush", || {
+        let client = client.clone();
+        let url = b.url("/slow/k");
+        async move {
+            let reply = client.get(&url).await.ok()?;
+            (reply.text() != "k run 1").then(|| flushed.elapsed())
+        }
+    })
+    .await;
+    assert!(
+        fresh_after <= BOUND + Duration::from_millis(500),
+        "the flushed response was served for {fresh_after:?} (bound {BOUND:?})"
+    );
+    assert_eq!(runs.get(), 2, "the flush costs one run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_notifications_turned_off_parked_requests_wait_for_the_work_not_the_lease() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let gate = Gate::new();
+    let app = slow_app(&runs, {
+        let gate = gate.clone();
+        move |_, _| {
+            let gate = gate.clone();
+            async move { gate.wait().await }
+        }
+    });
+    let parked = Tally::new();
+    let lease = Duration::from_secs(5);
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| b.lease(lease),
+        || parking(&parked, MINUTE),
+        &app,
+    );
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+
+    // Turned off at runtime: no wake-up will come, and the backends notice within the bound.
+    assert_eq!(
+        redis
+            .cmd(&["CONFIG", "SET", "notify-keyspace-events", ""])
+            .text(),
+        "OK"
+    );
+    let leader = client.spawn_get(a.url("/slow/k"));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let followers = client.spawn_get_all_ok(urls(&[b], "/slow/k", 5));
+    wait_all_in(&[b], 5).await;
+    parked.wait_for(1, SOON, "b parked").await;
+    let released = Instant::now();
+    gate.open();
+    let followers = followers.await.unwrap();
+    let waited = released.elapsed();
+    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
+    assert_all_served(&followers, "k run 1");
+    assert_eq!(runs.get(), 1);
+    assert!(
+        waited < BOUND + Duration::from_millis(500),
+        "parked requests answered {waited:?} after the leader, with a {lease:?} lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_notification_flags_are_turned_back_on_when_allowed() {
+    let mut redis = RedisServer::start_with(&["--notify-keyspace-events", ""]);
+    let runs = Tally::new();
+    let app = slow_app(&runs, |_, _| async {});
+    let parked = Tally::new();
+    let _instances = start_instances(
+        1,
+        &redis,
+        |b| b.enable_keyspace_events(true),
+        || parking(&parked, MINUTE),
+        &app,
+    );
+    let has_flags = |redis: &RedisServer| {
+        let flags = redis.config_get("notify-keyspace-events");
+        "Kg$x".chars().all(|flag| flags.contains(flag)) || flags.contains('A')
+    };
+    assert!(has_flags(&redis), "set at build");
+
+    // Turned off at runtime, then lost with a restart (CONFIG SET is not persisted).
+    assert_eq!(
+        redis
+            .cmd(&["CONFIG", "SET", "notify-keyspace-events", ""])
+            .text(),
+        "OK"
+    );
+    eventually(SOON, "the flags to be turned back on", || {
+        let on = has_flags(&redis);
+        async move { on.then_some(()) }
+    })
+    .await;
+    redis.restart();
+    assert!(!has_flags(&redis), "a restarted server starts without them");
+    eventually(SOON, "the flags to be set again after the restart", || {
+        let on = has_flags(&redis);
+        async move { on.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_parked_behind_one_remote_leader_share_one_wait_timeout_run() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let gate = Gate::new();
+    let app = slow_app(&runs, {
+        let gate = gate.clone();
+        move |_, run| {
+            let gate = gate.clone();
+            async move {
+                // Only the remote leader's run is held.
+                if run == 1 {
+                    gate.wait().await;
+                }
+            }
+        }
+    });
+    let parked = Tally::new();
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| b,
+        || {
+            parking(&parked, MINUTE)
+                .wait_timeout(Duration::from_millis(500))
+                .on_wait_timeout(WaitTimeoutPolicy::RunLocally)
+        },
+        &app,
+    );
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+
+    let leader = client.spawn_get(a.url("/slow/k"));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let followers = client.get_all_ok(urls(&[b], "/slow/k", 10)).await;
+    assert_eq!(
+        runs.get(),
+        2,
+        "one local run for the ten: {:?}",
+        outcomes(&followers)
+    );
+    assert_all_served(&followers, "k run 2");
+    assert_eq!(outcomes(&followers).get("timeout"), Some(&10));
+    gate.open();
+    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_shared_but_not_kept_reaches_the_requests_parked_in_every_process() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let gate = Gate::new();
+    let app = slow_app(&runs, {
+        let gate = gate.clone();
+        move |_, _| {
+            let gate = gate.clone();
+            async move { gate.wait().await }
+        }
+    });
+    let parked = Tally::new();
+    // TTL zero: "share concurrent runs only".
+    let instances = start_instances(4, &redis, |b| b, || parking(&parked, Duration::ZERO), &app);
+    let all: Vec<_> = instances.iter().collect();
+    let client = HttpClient::new();
+
+    let burst = client.spawn_get_all_ok(urls(&all, "/slow/k", 25));
+    for instance in &all {
+        instance.waiting().wait_for(25, SOON, "requests in").await;
+    }
+    parked.wait_for(3, SOON, "the other instances parked").await;
+    let released = Instant::now();
+    gate.open();
+    let replies = burst.await.unwrap();
+    assert_eq!(runs.get(), 1, "{:?}", outcomes(&replies));
+    assert_all_served(&replies, "k run 1");
+    assert!(released.elapsed() < Duration::from_secs(1));
+
+    // Nothing was kept: the next request runs again.
+    let next = client.get(&all[1].url("/slow/k")).await.unwrap();
+    assert_eq!(next.outcome(), "miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_its_thread_past_the_lease_still_runs_once() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let app = slow_app(&runs, |_, _| async {
+        // Blocks the worker thread: the lease is renewed from another one.
+        std::thread::sleep(Duration::from_millis(1200));
+    });
+    let parked = Tally::new();
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| b.lease(Duration::from_millis(300)),
+        || parking(&parked, MINUTE),
+        &app,
+    );
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+
+    let leader = client.spawn_get(a.url("/slow/k"));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let followers = client.get_all_ok(urls(&[b], "/slow/k", 3)).await;
+    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
+    assert_all_served(&followers, "k run 1");
+    assert_eq!(
+        runs.get(),
+        1,
+        "four leases passed while the handler blocked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_command_connection_is_a_blip_not_a_run_in_every_process() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let gate = Gate::new();
+    let app = slow_app(&runs, {
+        let gate = gate.clone();
+        move |_, _| {
+            let gate = gate.clone();
+            async move { gate.wait().await }
+        }
+    });
+    let parked = Tally::new();
+    let instances = start_instances(3, &redis, |b| b, || parking(&parked, MINUTE), &app);
+    let all: Vec<_> = instances.iter().collect();
+    let client = HttpClient::new();
+
+    let leader = client.spawn_get(all[0].url("/slow/k"));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let followers = client.spawn_get_all_ok(urls(&all[1..], "/slow/k", 5));
+    wait_all_in(&all[1..], 5).await;
+    parked.wait_for(2, SOON, "the followers parked").await;
+    // Every command connection drops at once (subscribers are of another type).
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]);
+    gate.open();
+    let followers = followers.await.unwrap();
+    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
+    assert_all_served(&followers, "k run 1");
+    assert_eq!(runs.get(), 1, "{:?}", outcomes(&followers));
+}

@@ -1,0 +1,108 @@
+//! A fleet of instances on one redis-server, as the cross-process tests build it: requests keyed
+//! by path, a `GET /slow/{key}` route whose runs are counted across the fleet, and ways to send
+//! bursts to several instances and wait until they are all inside the layer.
+
+use std::{collections::BTreeMap, future::Future, time::Duration};
+
+use axum::{extract::Path, http::request::Parts, routing::get, Router};
+use tower_parking::{Key, ParkingLayer, RedisBackend, RedisBackendBuilder};
+
+use super::{counting_waits, Instance, RedisServer, Reply, Tally};
+
+/// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Requests are keyed by path alone, so a test can name the Redis keys of a request.
+pub fn by_path(parts: &Parts) -> Option<Key> {
+    Some(Key::new(parts.uri.path()))
+}
+
+/// The layer of an instance: keyed by path; its followers count, in `parked`, each time they
+/// found the lock held by another instance and are about to wait for it.
+pub fn parking(parked: &Tally, ttl: Duration) -> ParkingLayer {
+    ParkingLayer::new()
+        .parker_builder(counting_waits(parked))
+        .key(by_path)
+        .ttl(ttl)
+}
+
+/// The service behind the layer: `GET /slow/{key}` counts its run in `runs` (shared by every
+/// instance), awaits `work(key, run)` and answers `"{key} run {run}"`.
+pub fn slow_app<W, Fut>(runs: &Tally, work: W) -> Router
+where
+    W: Fn(String, usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let runs = runs.clone();
+    Router::new().route(
+        "/slow/{key}",
+        get(move |Path(key): Path<String>| {
+            let runs = runs.clone();
+            let work = work.clone();
+            async move {
+                let run = runs.add();
+                work(key.clone(), run).await;
+                format!("{key} run {run}")
+            }
+        }),
+    )
+}
+
+/// Starts `n` instances on `redis`, each with its own backend (`backend` adjusts the builder),
+/// its own `layer()` and a clone of `app`.
+pub fn start_instances(
+    n: usize,
+    redis: &RedisServer,
+    backend: impl Fn(RedisBackendBuilder) -> RedisBackendBuilder,
+    layer: impl Fn() -> ParkingLayer,
+    app: &Router,
+) -> Vec<Instance> {
+    (0..n)
+        .map(|_| {
+            Instance::start(
+                backend(RedisBackend::builder(redis.url())),
+                layer(),
+                app.clone(),
+            )
+        })
+        .collect()
+}
+
+/// `count` requests for `path` to each instance, interleaved.
+pub fn urls(instances: &[&Instance], path: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .flat_map(|_| instances.iter().map(|instance| instance.url(path)))
+        .collect()
+}
+
+/// Waits until `total` requests (since the instance started) are in each instance's parking
+/// layer: each has joined or started its key's flight, so none can arrive after it ended.
+pub async fn wait_all_in(instances: &[&Instance], total: usize) {
+    for instance in instances {
+        instance
+            .waiting()
+            .wait_for(total, SOON, "requests in the instance")
+            .await;
+    }
+}
+
+/// How many replies carry each `x-parking` outcome.
+pub fn outcomes(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.outcome().to_string()).or_default() += 1;
+    }
+    counts
+}
+
+/// Asserts that every reply is a `200` with `body`.
+#[track_caller]
+pub fn assert_all_served(replies: &[Reply], body: &str) {
+    for reply in replies {
+        assert_eq!(
+            (reply.status.as_u16(), reply.text()),
+            (200, body.to_owned()),
+            "{reply:?}"
+        );
+    }
+}
