@@ -897,6 +897,45 @@ async fn a_stale_response_with_only_last_modified_is_revalidated_with_if_modifie
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_304_without_validators_answers_the_layer_s_own_condition() {
+    // RFC 9110 §15.4.5 does not make a 304 repeat Last-Modified, and common servers (Python's
+    // http.server, many frameworks) do not: the 304 still answers the one stored response the
+    // layer asked about.
+    const MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
+    let layer = ParkingLayer::new().ttl(Duration::from_secs(10));
+    let origin = Origin::free();
+    let respond = |run: usize, request: &HeaderMap| {
+        if request.contains_key("if-modified-since") {
+            let headers = fields(&[("cache-control", "max-age=5")]);
+            reply(StatusCode::NOT_MODIFIED, &headers, run, String::new())
+        } else {
+            let headers = fields(&[("last-modified", MODIFIED), ("cache-control", "max-age=1")]);
+            reply(StatusCode::OK, &headers, run, "the page".into())
+        }
+    };
+    let app = origin.app(&layer, respond);
+    assert_eq!(
+        send(&app, plain_get()).await.view(),
+        (200, "miss", "the page")
+    );
+    advance(ms(1_500)).await;
+    let revalidated = send(&app, plain_get()).await;
+    assert_eq!(revalidated.view(), (200, "revalidated", "the page"));
+    assert_eq!(revalidated.header("last-modified"), Some(MODIFIED));
+    assert_eq!(revalidated.header("cache-control"), Some("max-age=5"));
+    advance(ms(3_000)).await;
+    assert_eq!(
+        send(&app, plain_get()).await.view(),
+        (200, "hit", "the page")
+    );
+    assert_eq!(origin.runs(), 2);
+    assert_eq!(
+        layer.stats(),
+        stats! { miss: 1, revalidated: 1, hit: 1, executions: 2 }
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 // The request's own directives.
 // ------------------------------------------------------------------------------------------

@@ -319,10 +319,20 @@ pub(crate) fn refreshed(
         &vary_names(&stored.headers),
         rules.separates_credentials,
     );
-    let response = response_of(
-        http::StatusCode::NOT_MODIFIED,
-        normalise(not_modified, &rules.targeted_fields),
-    );
+    let mut selecting = normalise(not_modified, &rules.targeted_fields);
+    // A 304 need not repeat `Last-Modified` (RFC 9110 §15.4.5), and many servers send none. The
+    // library then selects no stored response (RFC 9111 §4.3.4 selects by validator among
+    // several), but this one answers the condition the layer made from `stored` alone: a 304
+    // with no validator of its own is taken to carry `stored`'s. One with another validator
+    // still selects nothing.
+    if !selecting.contains_key(header::ETAG) && !selecting.contains_key(header::LAST_MODIFIED) {
+        for name in [header::ETAG, header::LAST_MODIFIED] {
+            if let Some(value) = stored.headers.get(&name) {
+                selecting.insert(name, value.clone());
+            }
+        }
+    }
+    let response = response_of(http::StatusCode::NOT_MODIFIED, selecting);
     match policy.after_response(&policy_request, &response, clock::system_time(now)) {
         AfterResponse::NotModified(_, parts) => {
             // The library keeps the stored body's own description; so do the lines taken here.
