@@ -291,3 +291,70 @@ async fn a_dropped_command_connection_is_a_blip_not_a_run_in_every_process() {
     assert_all_served(&followers, "k run 1");
     assert_eq!(runs.get(), 1, "{:?}", outcomes(&followers));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_started_while_redis_is_down_serves_alone_then_joins_the_fleet() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let runs = Tally::new();
+    let (alone_gate, joined_gate) = (Gate::new(), Gate::new());
+    let app = slow_app(&runs, {
+        let gates = [
+            ("alone", alone_gate.clone()),
+            ("joined", joined_gate.clone()),
+        ];
+        move |key, _| {
+            let gate = gates
+                .iter()
+                .find(|(name, _)| *name == key)
+                .map(|(_, gate)| gate.clone());
+            async move {
+                if let Some(gate) = gate {
+                    gate.wait().await;
+                }
+            }
+        }
+    });
+    let parked = Tally::new();
+    // Fail-open (the default): the instances start although Redis does not answer.
+    let instances = start_instances(2, &redis, |b| b, || parking(&parked, MINUTE), &app);
+    let all: Vec<_> = instances.iter().collect();
+    let client = HttpClient::new();
+
+    // Alone: one run per instance, with in-process coalescing.
+    let alone = client.spawn_get_all_ok(urls(&all, "/slow/alone", 3));
+    wait_all_in(&all, 3).await;
+    alone_gate.open();
+    let alone = alone.await.unwrap();
+    assert_eq!(runs.get(), 2, "{:?}", outcomes(&alone));
+
+    redis.restart();
+    // Joined once what one instance stores, the other reads from Redis.
+    let mut probe = 0;
+    eventually(SOON, "both instances to join", || {
+        probe += 1;
+        let (client, path) = (client.clone(), format!("/slow/probe-{probe}"));
+        let (a, b) = (all[0].url(&path), all[1].url(&path));
+        async move {
+            let stored = client.get(&a).await.ok()?;
+            let read = client.get(&b).await.ok()?;
+            (stored.outcome() == "miss" && read.outcome() == "hit").then_some(())
+        }
+    })
+    .await;
+
+    // A burst over both instances runs the handler once.
+    let before = runs.get();
+    let leader = client.spawn_get(all[0].url("/slow/joined"));
+    runs.wait_for(before + 1, SOON, "the leader's run").await;
+    let follower = client.spawn_get(all[1].url("/slow/joined"));
+    parked.wait_for(1, SOON, "the other instance parked").await;
+    joined_gate.open();
+    let (leader, follower) = (
+        leader.await.unwrap().unwrap(),
+        follower.await.unwrap().unwrap(),
+    );
+    assert_eq!(runs.get(), before + 1);
+    assert_eq!(leader.text(), follower.text());
+    assert_eq!(follower.outcome(), "parked");
+}

@@ -698,10 +698,21 @@ async fn bad_settings_fail_before_connecting() {
         .await
         .unwrap_err();
     assert!(matches!(error, RedisSetupError::InvalidUrl(_)), "{error:?}");
-    let error = RedisBackend::connect("redis://127.0.0.1:1")
+    let error = RedisBackend::builder("redis://127.0.0.1:1")
+        .start_when_down(false)
+        .build()
         .await
         .unwrap_err();
     assert!(matches!(error, RedisSetupError::Connect(_)), "{error:?}");
+    let error = RedisBackend::builder("redis://127.0.0.1:1")
+        .failure_policy(FailurePolicy::FailClosed)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, RedisSetupError::Connect(_)),
+        "fail-closed never starts without Redis: {error:?}"
+    );
 }
 
 #[tokio::test]
@@ -832,7 +843,11 @@ async fn write_directly(inspector: &Client, key: &str, value: &str, expires_in_m
     // lives in Redis.
     let (uri, _) = key.split_once('}').expect("a hash-tagged key");
     let generation: Option<String> = inspector.get(format!("{uri}}}:gen")).await.unwrap();
-    let entry = entry(1, Duration::from_millis(expires_in_ms as u64), value.as_bytes());
+    let entry = entry(
+        1,
+        Duration::from_millis(expires_in_ms as u64),
+        value.as_bytes(),
+    );
     let mut stored = format!("{} ", generation.as_deref().unwrap_or("0")).into_bytes();
     stored.extend_from_slice(&entry);
     let _: () = inspector

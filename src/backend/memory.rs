@@ -50,6 +50,8 @@ struct State {
     /// The last fence handed out, by any key. One counter for the backend, so a key dropped and
     /// created again never reuses a fence, and a stale leader is never taken for a later one.
     fence: u64,
+    /// When entries no longer kept were last dropped.
+    swept: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -67,6 +69,9 @@ struct Stored {
     entry: Bytes,
     stamp: Stamp,
 }
+
+/// How often entries no longer kept are dropped, at most.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// What an entry's bookkeeping costs beside its key and value bytes.
 const ENTRY_OVERHEAD: usize = 128;
@@ -132,11 +137,27 @@ impl State {
         self.bytes = self.bytes + after - before;
     }
 
+    /// Drops the entries that matter no more (nothing kept, no lock), at most once a second, so
+    /// that expired entries give their memory back without a scan on every call.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        if self
+            .swept
+            .is_some_and(|swept| now.duration_since(swept) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        let micros = clock::now();
+        self.retain(|entry| !entry.is_dead(now, micros));
+    }
+
     /// Drops entries that matter no more, then (while over a bound) the ones closest to the end
     /// of their keep time, down to 7/8 of the bounds so that the scan is not paid on every insert.
     fn make_room(&mut self, max_entries: usize, max_bytes: usize) {
         let now = Instant::now();
         let micros = clock::now();
+        self.swept = Some(now);
         self.retain(|entry| !entry.is_dead(now, micros));
         let (entries_goal, bytes_goal) = (max_entries - max_entries / 8, max_bytes - max_bytes / 8);
         if self.entries <= entries_goal && self.bytes <= bytes_goal {
@@ -263,6 +284,7 @@ impl MemoryBackend {
 
     /// The entry for `key`, making room for it first if the backend is full.
     fn entry<'s>(&self, state: &'s mut State, key: &Key) -> &'s mut Entry {
+        state.sweep();
         if state.get(key).is_none() {
             let cost = entry_cost(key, 0);
             if state.entries >= self.max_entries || state.bytes + cost > self.max_bytes {
@@ -559,5 +581,27 @@ mod tests {
             .await
             .unwrap());
         assert!(backend.peek(&plain).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_give_their_memory_back() {
+        let backend = MemoryBackend::new();
+        for i in 0..100 {
+            let key = Key::new(format!("/item/{i}"));
+            let lease = lead(&backend, &key).await;
+            let entry = sealed(lease.fence(), Duration::from_millis(500), &[0; 1000]);
+            backend
+                .complete(&lease, entry, Duration::from_millis(500))
+                .await
+                .unwrap();
+        }
+        assert!(backend.bytes() > 100_000);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Any later call sweeps what is no longer kept.
+        let _ = backend
+            .acquire(&Key::new("/other"), Duration::from_secs(1), Lookup::Check)
+            .await;
+        assert_eq!(backend.len(), 1, "only the new entry is left");
+        assert!(backend.bytes() < 1_000, "{} bytes", backend.bytes());
     }
 }

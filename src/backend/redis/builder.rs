@@ -55,6 +55,7 @@ const NOTIFICATION_BACKLOG: usize = 16 * 1024;
 /// | [`enable_keyspace_events`](RedisBackendBuilder::enable_keyspace_events) | `false` |
 /// | [`local_window_bytes`](RedisBackendBuilder::local_window_bytes) | 64 MiB |
 /// | [`local_window_staleness`](RedisBackendBuilder::local_window_staleness) | 1 second |
+/// | [`start_when_down`](RedisBackendBuilder::start_when_down) | `true` (fail-open only) |
 #[derive(Debug, Clone)]
 pub struct RedisBackendBuilder {
     url: String,
@@ -66,6 +67,7 @@ pub struct RedisBackendBuilder {
     enable_keyspace_events: bool,
     local_window_bytes: usize,
     local_window_staleness: Duration,
+    start_when_down: bool,
 }
 
 impl RedisBackendBuilder {
@@ -80,6 +82,7 @@ impl RedisBackendBuilder {
             enable_keyspace_events: false,
             local_window_bytes: 64 * 1024 * 1024,
             local_window_staleness: Duration::from_secs(1),
+            start_when_down: true,
         }
     }
 
@@ -103,6 +106,16 @@ impl RedisBackendBuilder {
     /// shorter than the lease.
     pub fn renew_every(mut self, every: Duration) -> Self {
         self.renew_every = Some(every);
+        self
+    }
+
+    /// Whether [`build`](RedisBackendBuilder::build) succeeds when Redis does not answer (default
+    /// `true`, and only with [`FailurePolicy::FailOpen`]): the backend then serves with
+    /// in-process coalescing alone, and joins the fleet, with the setup checks `build` would
+    /// have made (their failures logged), as soon as Redis answers. With `false`, or with
+    /// [`FailurePolicy::FailClosed`], `build` fails with [`RedisSetupError::Connect`].
+    pub fn start_when_down(mut self, enabled: bool) -> Self {
+        self.start_when_down = enabled;
         self
     }
 
@@ -151,8 +164,8 @@ impl RedisBackendBuilder {
     }
 
     /// Connects (one command connection, one subscriber connection), subscribes to the keyspace
-    /// notifications under the prefix, checks the server's `notify-keyspace-events` setting and
-    /// loads the scripts.
+    /// notifications under the prefix, and checks the server's `notify-keyspace-events` setting.
+    /// When Redis does not answer, see [`start_when_down`](RedisBackendBuilder::start_when_down).
     pub async fn build(self) -> Result<RedisBackend, RedisSetupError> {
         validate_prefix(&self.prefix)?;
         let renew_every = self.renew_every.unwrap_or(self.lease / 3);
@@ -170,17 +183,43 @@ impl RedisBackendBuilder {
             return Err(RedisSetupError::ClusterNotSupported);
         }
         let db = config.database.unwrap_or(0);
-        let (client, subscriber) = self.clients(config)?;
-
-        client.init().await.map_err(connect_error)?;
-        if let Err(error) = subscriber.init().await {
-            let _ = client.quit().await;
-            return Err(connect_error(error));
-        }
-        let quit = || async {
-            let _ = tokio::join!(client.quit(), subscriber.quit());
+        let (client, subscriber) = self.clients(config.clone())?;
+        let connected = async {
+            client.init().await?;
+            subscriber.init().await
         };
+        match connected.await {
+            Ok(_) => self.assemble(db, client, subscriber, Joined::AtBuild).await,
+            Err(error)
+                if self.start_when_down
+                    && self.failure_policy == FailurePolicy::FailOpen
+                    && is_connection_error(&error) =>
+            {
+                let _ = tokio::join!(client.quit(), subscriber.quit());
+                tracing::warn!(%error, "Redis does not answer: starting with in-process coalescing only, joining the fleet when it does");
+                // Clients that keep trying to connect, in the background.
+                let mut config = config;
+                config.fail_fast = false;
+                let (client, subscriber) = self.clients(config)?;
+                let (_, _) = (client.connect(), subscriber.connect());
+                self.assemble(db, client, subscriber, Joined::Later).await
+            }
+            Err(error) => {
+                let _ = tokio::join!(client.quit(), subscriber.quit());
+                Err(connect_error(error))
+            }
+        }
+    }
 
+    /// The backend on these clients: connected already and checked now, or to be checked and
+    /// subscribed once they connect.
+    async fn assemble(
+        self,
+        db: u8,
+        client: Client,
+        subscriber: SubscriberClient,
+        joined: Joined,
+    ) -> Result<RedisBackend, RedisSetupError> {
         // The streams exist before the subscription is acknowledged: nothing after it is lost.
         let streams = Streams::of(&client, &subscriber);
         let patterns = waiter::keyspace_patterns(db, &self.prefix);
@@ -191,47 +230,44 @@ impl RedisBackendBuilder {
             &nonces.next(),
             self.local_window_staleness,
         ));
-        let subscribed = async {
-            subscriber.psubscribe(patterns.clone()).await?;
-            subscriber.subscribe(health.canary_channel.as_str()).await
-        };
-        if let Err(error) = subscribed.await {
-            quit().await;
-            return Err(setup_error(error));
-        }
-        let scripts = match Scripts::load(&client).await {
-            Ok(scripts) => scripts,
-            Err(error) => {
-                quit().await;
+        if joined == Joined::AtBuild {
+            let subscribed = async {
+                subscriber.psubscribe(patterns.clone()).await?;
+                subscriber.subscribe(health.canary_channel.as_str()).await
+            };
+            if let Err(error) = subscribed.await {
+                let _ = tokio::join!(client.quit(), subscriber.quit());
                 return Err(setup_error(error));
             }
-        };
+        }
         let waiters = Arc::new(Waiters::default());
         let local = Arc::new(LocalWindow::new(
             self.local_window_bytes,
             Arc::clone(&health),
         ));
         let command_connection = Arc::new(CommandConnection::new());
-        let dispatcher = tokio::spawn(waiter::dispatch(
-            Dispatch {
-                waiters: Arc::clone(&waiters),
-                local: Arc::clone(&local),
-                command_connection: Arc::clone(&command_connection),
-                health: Arc::clone(&health),
-                client: client.clone(),
-                subscriber: subscriber.clone(),
-                patterns,
-                prefix: self.prefix.clone(),
-                enable_keyspace_events: self.enable_keyspace_events,
-            },
-            streams,
-        ));
+        let dispatch = Dispatch {
+            waiters: Arc::clone(&waiters),
+            local: Arc::clone(&local),
+            command_connection: Arc::clone(&command_connection),
+            health: Arc::clone(&health),
+            client: client.clone(),
+            subscriber: subscriber.clone(),
+            patterns,
+            prefix: self.prefix.clone(),
+            enable_keyspace_events: self.enable_keyspace_events,
+        };
+        let dispatcher = match joined {
+            Joined::AtBuild => tokio::spawn(waiter::dispatch(dispatch, streams)),
+            Joined::Later => tokio::spawn(join_then_dispatch(dispatch, streams)),
+        };
+        let renew_every = self.renew_every.unwrap_or(self.lease / 3);
         // From here on, dropping the backend closes the connections and stops the dispatcher.
         let backend = RedisBackend {
             inner: Arc::new(Inner {
                 client,
                 subscriber,
-                scripts,
+                scripts: Scripts::new(),
                 waiters,
                 local,
                 command_connection,
@@ -247,7 +283,9 @@ impl RedisBackendBuilder {
                 health,
             }),
         };
-        check_keyspace_events(&backend, self.enable_keyspace_events).await?;
+        if joined == Joined::AtBuild {
+            check_keyspace_events(&backend, self.enable_keyspace_events).await?;
+        }
         Ok(backend)
     }
 
@@ -282,6 +320,53 @@ impl RedisBackendBuilder {
         let subscriber = builder.build_subscriber_client().map_err(connect_error)?;
         Ok((client, subscriber))
     }
+}
+
+/// Whether the backend connected while it was built, or starts without Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Joined {
+    AtBuild,
+    Later,
+}
+
+/// A backend that started while Redis was down: once both connections are up, subscribes and
+/// checks the server's settings as `build` would have (an error is logged, not returned: the
+/// process is serving already), then dispatches as usual.
+async fn join_then_dispatch(dispatch: Dispatch, streams: Streams) {
+    let (client, subscriber) = (&dispatch.client, &dispatch.subscriber);
+    let _ = tokio::join!(client.wait_for_connect(), subscriber.wait_for_connect());
+    waiter::subscribe(
+        subscriber,
+        &dispatch.patterns,
+        &dispatch.health.canary_channel,
+    )
+    .await;
+    let checked = if dispatch.enable_keyspace_events {
+        turn_on_keyspace_events(client)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        match client.config_get::<Value, _>(SETTING).await {
+            Ok(reply) => {
+                let current = setting_value(reply);
+                match missing_flags(&current) {
+                    missing if missing.is_empty() => Ok(()),
+                    missing => Err(format!(
+                        "{SETTING} lacks the flags {missing}: set it to {current}{missing} (parked requests poll Redis until then)"
+                    )),
+                }
+            }
+            // Managed Redis may refuse CONFIG: the canary tells whether notifications flow.
+            Err(_) => Ok(()),
+        }
+    };
+    match checked {
+        Ok(()) => tracing::info!("Redis answers: joined the fleet"),
+        Err(error) => {
+            tracing::error!(%error, "joined Redis, but its keyspace notifications are not as needed")
+        }
+    }
+    waiter::dispatch(dispatch, streams).await;
 }
 
 /// Reads the URL as fred does, after accepting `unix:///path` for `redis+unix:///path` and

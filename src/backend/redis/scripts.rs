@@ -1,9 +1,9 @@
 //! The Lua scripts of the protocol. Each runs atomically on the server in one round trip.
 //!
 //! Every script gets the Redis keys of one parking key (`KEYS`, all in one cluster slot thanks to
-//! the hash tag) and its arguments as strings (`ARGV`). Scripts are loaded once when the backend
-//! is built and run with `EVALSHA`; a server that lost its script cache (restarted, flushed)
-//! answers `NOSCRIPT`, and the script is loaded again.
+//! the hash tag) and its arguments as strings (`ARGV`). Scripts run with `EVALSHA` (their SHA-1 is
+//! computed here, so a backend needs no server to be built); a server that does not have a script
+//! yet (new, restarted, flushed) answers `NOSCRIPT`, and the script is loaded then.
 
 use fred::{
     clients::Client,
@@ -160,9 +160,11 @@ pub(super) struct Script {
 }
 
 impl Script {
-    async fn load(client: &Client, lua: &'static str) -> Result<Self, Error> {
-        let sha = client.script_load(lua).await?;
-        Ok(Self { lua, sha })
+    fn new(lua: &'static str) -> Self {
+        Self {
+            lua,
+            sha: fred::util::sha1_hash(lua),
+        }
     }
 
     /// Runs the script, loading it again if the server forgot it.
@@ -199,22 +201,31 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) async fn load(client: &Client) -> Result<Self, Error> {
-        Ok(Self {
-            acquire: Script::load(client, ACQUIRE).await?,
-            peek: Script::load(client, PEEK).await?,
-            renew: Script::load(client, RENEW).await?,
-            release: Script::load(client, RELEASE).await?,
-            complete: Script::load(client, COMPLETE).await?,
-            invalidate: Script::load(client, INVALIDATE).await?,
-            abandon: Script::load(client, ABANDON).await?,
-        })
+    pub(super) fn new() -> Self {
+        Self {
+            acquire: Script::new(ACQUIRE),
+            peek: Script::new(PEEK),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+            complete: Script::new(COMPLETE),
+            invalidate: Script::new(INVALIDATE),
+            abandon: Script::new(ABANDON),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_script_s_sha_is_redis_s() {
+        // `SCRIPT LOAD "return 1"` answers this.
+        assert_eq!(
+            Script::new("return 1").sha,
+            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
+        );
+    }
 
     #[test]
     fn scripts_read_entry_heads_as_the_stamp_writes_them() {
