@@ -356,6 +356,58 @@ async fn a_valid_expires_is_a_lifetime_from_the_date() {
     );
 }
 
+/// `date` (an IMF-fixdate) in the two obsolete HTTP-date formats: RFC 850 and asctime.
+fn obsolete_forms(date: &str) -> [String; 2] {
+    // "Tue, 01 Dec 2026 22:03:07 GMT"
+    let parts: Vec<&str> = date.split(' ').collect();
+    let (weekday, day, month, year, time) = (
+        parts[0].trim_end_matches(','),
+        parts[1],
+        parts[2],
+        parts[3],
+        parts[4],
+    );
+    let long_weekday = match weekday {
+        "Mon" => "Monday",
+        "Tue" => "Tuesday",
+        "Wed" => "Wednesday",
+        "Thu" => "Thursday",
+        "Fri" => "Friday",
+        "Sat" => "Saturday",
+        _ => "Sunday",
+    };
+    [
+        format!("{long_weekday}, {day}-{month}-{} {time} GMT", &year[2..]),
+        format!(
+            "{weekday} {month} {:>2} {time} {year}",
+            day.trim_start_matches('0')
+        ),
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expires_in_an_obsolete_date_format_is_a_lifetime_too() {
+    // RFC 9110 §5.6.7: a recipient MUST accept all three HTTP-date formats.
+    let now = SystemTime::now();
+    let date = httpdate::fmt_http_date(now);
+    let expires = httpdate::fmt_http_date(now + Duration::from_secs(3));
+    for expires in obsolete_forms(&expires) {
+        assert!(httpdate::parse_http_date(&expires).is_ok(), "{expires}");
+        let layer = ParkingLayer::new().ttl(Duration::from_secs(10));
+        let origin = Origin::free();
+        let headers = vec![
+            ("date".to_owned(), date.clone()),
+            ("expires".to_owned(), expires.clone()),
+        ];
+        let app = origin.app(&layer, stating(headers));
+        assert_eq!(
+            timeline(&app, &[0, 2_500, 3_500]).await,
+            expect(&[("miss", "run 1"), ("hit", "run 1"), ("miss", "run 2")]),
+            "Expires: {expires}"
+        );
+    }
+}
+
 /// For each `(case, response fields, next outcome)`: a burst of 4 callers parked on one run all
 /// get its response; the request right after either runs the origin again (`miss`: a lifetime
 /// of zero or less) or is served from the window (`hit`: the control case).

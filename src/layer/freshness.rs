@@ -465,6 +465,9 @@ fn keep_lines(chosen: &HeaderMap, sources: &[&HeaderMap]) -> HeaderMap {
 ///    case-sensitively, so they are lowercased.
 /// 3. An `Age` that is not a non-negative integer, or is beyond 2³¹, counts as 2³¹ (RFC 9111
 ///    §1.2.2, §4.2.1); the library reads an invalid one as 0, which makes a response fresh.
+/// 4. `Expires` and `Date` in the obsolete HTTP-date formats (RFC 850, asctime), which a
+///    recipient must accept (RFC 9110 §5.6.7), are rewritten as IMF-fixdates; the library reads
+///    only the latter, and takes an `Expires` it cannot read as already expired.
 pub(crate) fn normalise(headers: &HeaderMap, targeted_fields: &[HeaderName]) -> HeaderMap {
     let mut headers = headers.clone();
     let targeted = targeted_fields.iter().find_map(|name| {
@@ -492,6 +495,26 @@ pub(crate) fn normalise(headers: &HeaderMap, targeted_fields: &[HeaderName]) -> 
     headers.remove(header::CACHE_CONTROL);
     for value in directives {
         headers.append(header::CACHE_CONTROL, value);
+    }
+    for name in [header::EXPIRES, header::DATE] {
+        let dates: Vec<HeaderValue> = headers
+            .get_all(&name)
+            .iter()
+            .map(|value| {
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|text| httpdate::parse_http_date(text).ok())
+                    .and_then(|date| HeaderValue::from_str(&httpdate::fmt_http_date(date)).ok())
+                    .unwrap_or_else(|| value.clone())
+            })
+            .collect();
+        if !dates.is_empty() {
+            headers.remove(&name);
+            for value in dates {
+                headers.append(name.clone(), value);
+            }
+        }
     }
     if let Some(age) = headers.get(header::AGE) {
         let age = age
