@@ -1,10 +1,11 @@
-//! An HTTP/1 client for the tests: status, `x-parking` header, body, and how long it took.
+//! An HTTP client for the tests (HTTP/1, or HTTP/2 over cleartext): status, headers, body, and
+//! how long it took.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
@@ -21,6 +22,10 @@ pub struct Reply {
     pub status: StatusCode,
     /// The `x-parking` header: `miss`, `hit`, `coalesced`, `parked`, `bypass` or `timeout`.
     pub parking: Option<String>,
+    /// Every response header.
+    pub headers: HeaderMap,
+    /// The HTTP version the response came in.
+    pub version: Version,
     /// The whole body.
     pub body: Bytes,
     /// From sending the request to the end of the body.
@@ -37,12 +42,17 @@ impl Reply {
     pub fn outcome(&self) -> &str {
         self.parking.as_deref().unwrap_or("")
     }
+
+    /// The value of the response header `name`, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
 }
 
-/// A pooled HTTP/1 client.
+/// A pooled HTTP/1 client (or HTTP/2 with prior knowledge: [`HttpClient::http2`]).
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpConnector, Full<Bytes>>,
     host: Option<http::HeaderValue>,
 }
 
@@ -61,6 +71,17 @@ impl HttpClient {
         }
     }
 
+    /// A client that speaks HTTP/2 over cleartext TCP (h2c, prior knowledge): every request of
+    /// one client shares one connection, as HTTP/2 streams.
+    pub fn http2() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+            host: None,
+        }
+    }
+
     /// A client that names `host` in every request's `Host`, whichever server it connects to:
     /// what servers behind a load balancer see.
     pub fn with_host(host: &'static str) -> Self {
@@ -73,47 +94,60 @@ impl HttpClient {
     /// `GET url`. `Err` says why there was no complete response (connection refused or reset,
     /// or no answer within 20 s: a hang).
     pub async fn get(&self, url: &str) -> Result<Reply, String> {
+        let request = Request::get(url)
+            .body(Bytes::new())
+            .map_err(|e| format!("bad request {url}: {e}"))?;
+        self.send(request).await
+    }
+
+    /// Sends `request` (with this client's `Host`, unless the request names one) and reads the
+    /// whole response. `Err` says why there was no complete response, as for [`get`](Self::get).
+    pub async fn send(&self, request: Request<Bytes>) -> Result<Reply, String> {
         let started = Instant::now();
-        let request = async {
-            let uri: http::Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
-            let mut request = http::Request::get(uri);
-            if let Some(host) = &self.host {
-                request = request.header(http::header::HOST, host);
-            }
-            let request = request
-                .body(Empty::new())
-                .map_err(|e| format!("bad request {url}: {e}"))?;
+        let what = format!("{} {}", request.method(), request.uri());
+        let (mut parts, body) = request.into_parts();
+        if let Some(host) = &self.host {
+            parts
+                .headers
+                .entry(http::header::HOST)
+                .or_insert(host.clone());
+        }
+        let request = Request::from_parts(parts, Full::new(body));
+        let exchange = async {
             let response = self
                 .client
                 .request(request)
                 .await
-                .map_err(|e| format!("GET {url}: {e}"))?;
-            let status = response.status();
-            let parking = response
-                .headers()
+                .map_err(|e| format!("{what}: {e}"))?;
+            let (parts, body) = response.into_parts();
+            let parking = parts
+                .headers
                 .get("x-parking")
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_owned);
-            let body = response
-                .into_body()
+            let body = body
                 .collect()
                 .await
-                .map_err(|e| format!("GET {url}: body: {e}"))?
+                .map_err(|e| format!("{what}: body: {e}"))?
                 .to_bytes();
             Ok(Reply {
-                status,
+                status: parts.status,
                 parking,
+                headers: parts.headers,
+                version: parts.version,
                 body,
                 elapsed: started.elapsed(),
             })
         };
-        tokio::time::timeout(ANSWER_WITHIN, request)
+        tokio::time::timeout(ANSWER_WITHIN, exchange)
             .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "GET {url}: no answer within {ANSWER_WITHIN:?} (hung)"
-                ))
-            })
+            .unwrap_or_else(|_| Err(format!("{what}: no answer within {ANSWER_WITHIN:?} (hung)")))
+    }
+
+    /// [`send`](Self::send) on a task of its own, so the test can go on while it waits.
+    pub fn spawn_send(&self, request: Request<Bytes>) -> JoinHandle<Result<Reply, String>> {
+        let client = self.clone();
+        tokio::spawn(async move { client.send(request).await })
     }
 
     /// Sends every request at once, each on its own task, and returns the results in order.
