@@ -15,9 +15,9 @@ use support::{
     fleet::{
         assert_all_served, outcomes, parking, slow_app, start_instances, urls, wait_all_in, SOON,
     },
-    Gate, HttpClient, RedisServer, Tally,
+    redis_key, FaultProxy, Gate, HttpClient, Instance, RedisServer, Tally,
 };
-use tower_parking::WaitTimeoutPolicy;
+use tower_parking::{Key, RedisBackend, WaitTimeoutPolicy};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -357,4 +357,181 @@ async fn a_backend_started_while_redis_is_down_serves_alone_then_joins_the_fleet
     assert_eq!(runs.get(), before + 1);
     assert_eq!(leader.text(), follower.text());
     assert_eq!(follower.outcome(), "parked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_half_open_connection_no_copy_outlives_the_bound_and_the_backend_recovers() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port()).await;
+    let runs = Tally::new();
+    let app = slow_app(&runs, |_, _| async {});
+    let parked = Tally::new();
+    let direct = Instance::start(
+        RedisBackend::builder(redis.url()),
+        parking(&parked, MINUTE),
+        app.clone(),
+    );
+    let command_timeout = Duration::from_millis(300);
+    let behind = Instance::start(
+        RedisBackend::builder(proxy.url()).command_timeout(command_timeout),
+        parking(&parked, MINUTE),
+        app.clone(),
+    );
+    let client = HttpClient::new();
+
+    // Stored through one instance, read and kept by the other.
+    let first = client.get(&direct.url("/slow/k")).await.unwrap();
+    assert_eq!(first.text(), "k run 1");
+    let kept = client.get_all_ok(urls(&[&behind], "/slow/k", 2)).await;
+    assert_all_served(&kept, "k run 1");
+
+    // Both of `behind`'s connections go silent, and the value changes in Redis.
+    proxy.blackhole();
+    let cut = Instant::now();
+    redis.cmd(&["DEL", &redis_key(&Key::new("/slow/k"), "resp")]);
+    let changed = client.get(&direct.url("/slow/k")).await.unwrap();
+    assert_eq!(changed.text(), "k run 2");
+    let stale_for = eventually(SOON, "the old copy to go", || {
+        let (client, url) = (client.clone(), behind.url("/slow/k"));
+        async move {
+            let reply = client.get(&url).await.ok()?;
+            (reply.text() != "k run 1").then(|| cut.elapsed())
+        }
+    })
+    .await;
+    assert!(
+        stale_for <= BOUND + command_timeout + Duration::from_millis(500),
+        "a copy was served {stale_for:?} after its connections went silent"
+    );
+
+    // Once the connection is known dead, requests fail open at once instead of each waiting
+    // for the command timeout.
+    let mut probe = 0;
+    eventually(SOON, "requests to fail open at once", || {
+        probe += 1;
+        let (client, url) = (client.clone(), behind.url(&format!("/slow/fast-{probe}")));
+        async move {
+            let reply = client.get(&url).await.ok()?;
+            (reply.elapsed < Duration::from_millis(100)).then_some(())
+        }
+    })
+    .await;
+
+    // The proxy passes again: the backend comes back by itself and parks through Redis again.
+    proxy.pass();
+    let mut probe = 0;
+    eventually(Duration::from_secs(15), "the backend to come back", || {
+        probe += 1;
+        let client = client.clone();
+        let path = format!("/slow/back-{probe}");
+        let (stored_at, read_at) = (direct.url(&path), behind.url(&path));
+        async move {
+            client.get(&stored_at).await.ok()?;
+            let read = client.get(&read_at).await.ok()?;
+            (read.outcome() == "hit").then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_connection_loses_no_wake_up() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let gate = Gate::new();
+    let app = slow_app(&runs, {
+        let gate = gate.clone();
+        move |_, _| {
+            let gate = gate.clone();
+            async move { gate.wait().await }
+        }
+    });
+    let parked = Tally::new();
+    let lease = Duration::from_secs(10);
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| b.lease(lease),
+        || parking(&parked, MINUTE),
+        &app,
+    );
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+
+    let leader = client.spawn_get(a.url("/slow/k"));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let followers = client.spawn_get_all_ok(urls(&[b], "/slow/k", 3));
+    wait_all_in(&[b], 3).await;
+    parked.wait_for(1, SOON, "b parked").await;
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // The subscribers come back (subscribed again) before the leader finishes.
+    let subscribed = eventually(SOON, "both subscribers back", || {
+        let clients = redis.cmd(&["CLIENT", "LIST", "TYPE", "pubsub"]).text();
+        let subscribed = clients
+            .lines()
+            .filter(|line| line.contains("psub=3"))
+            .count();
+        async move { (subscribed == 2).then_some(()) }
+    });
+    subscribed.await;
+    let released = Instant::now();
+    gate.open();
+    let followers = followers.await.unwrap();
+    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
+    assert_all_served(&followers, "k run 1");
+    assert_eq!(runs.get(), 1);
+    assert!(
+        released.elapsed() < BOUND + Duration::from_millis(500),
+        "woken {:?} after the leader, with a {lease:?} lease",
+        released.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_or_sleeping_redis_costs_at_most_the_command_timeout() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let app = slow_app(&runs, |_, _| async {});
+    let parked = Tally::new();
+    let command_timeout = Duration::from_millis(300);
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| b.command_timeout(command_timeout),
+        || parking(&parked, MINUTE),
+        &app,
+    );
+    let all: Vec<_> = instances.iter().collect();
+    let client = HttpClient::new();
+
+    for (fault, key) in [
+        (&["CLIENT", "PAUSE", "1500", "ALL"][..], "paused"),
+        (&["DEBUG", "SLEEP", "1.5"][..], "sleeping"),
+    ] {
+        let started = Instant::now();
+        // DEBUG SLEEP blocks the connection it is sent on: from a thread of its own.
+        let fault: Vec<String> = fault.iter().map(|arg| arg.to_string()).collect();
+        let port = redis.port();
+        let faulted = std::thread::spawn(move || {
+            let args: Vec<&str> = fault.iter().map(String::as_str).collect();
+            RedisServer::cmd_on_port(port, &args)
+        });
+        // Nothing tells that the server took the command (a paused or sleeping server answers
+        // nobody): give it a moment. The bound holds either way; only the test's strength
+        // depends on it.
+        std::thread::sleep(Duration::from_millis(50));
+        let replies = client
+            .get_all_ok(urls(&all, &format!("/slow/{key}"), 3))
+            .await;
+        for reply in &replies {
+            assert_eq!(reply.status, 200, "{reply:?}");
+            assert!(
+                reply.elapsed < command_timeout * 2 + Duration::from_millis(500),
+                "{key}: answered in {:?}",
+                reply.elapsed
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        faulted.join().unwrap();
+    }
 }

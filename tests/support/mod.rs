@@ -28,6 +28,7 @@ pub mod fleet;
 #[cfg(feature = "redis")]
 mod instance;
 mod process;
+mod proxy;
 mod redis_server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,7 @@ pub use client::{HttpClient, Reply};
 #[cfg(feature = "redis")]
 pub use instance::Instance;
 pub use process::ServerProcess;
+pub use proxy::FaultProxy;
 pub use redis_server::{RedisServer, Resp};
 
 /// A name unique in this test process, for temporary directories and keys.

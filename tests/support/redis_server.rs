@@ -161,6 +161,15 @@ impl RedisServer {
         unreachable!()
     }
 
+    /// Runs one command on a connection of its own, for commands that block the connection they
+    /// are sent on (`DEBUG SLEEP`), from a thread of the test's.
+    pub fn cmd_on_port(port: u16, args: &[&str]) -> Resp {
+        let args: Vec<&[u8]> = args.iter().map(|arg| arg.as_bytes()).collect();
+        Connection::open(port)
+            .and_then(|mut connection| connection.command(&args))
+            .unwrap_or_else(|error| panic!("redis command failed: {error}"))
+    }
+
     /// The value of one `CONFIG GET` parameter.
     pub fn config_get(&self, name: &str) -> String {
         match self.cmd(&["CONFIG", "GET", name]) {

@@ -256,6 +256,7 @@ impl RedisBackendBuilder {
             patterns,
             prefix: self.prefix.clone(),
             enable_keyspace_events: self.enable_keyspace_events,
+            dead_after: (self.command_timeout * 2).max(Duration::from_secs(2)),
         };
         let dispatcher = match joined {
             Joined::AtBuild => tokio::spawn(waiter::dispatch(dispatch, streams)),

@@ -253,22 +253,31 @@ impl RedisBackend {
                 may_still_run: false,
             });
         }
-        match tokio::time::timeout(inner.command_timeout, script.run(&inner.client, keys, args))
-            .await
+        let failure = match tokio::time::timeout(
+            inner.command_timeout,
+            script.run(&inner.client, keys, args),
+        )
+        .await
         {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(error)) => Err(Failure {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(error)) => Failure {
                 may_still_run: *error.kind() == ErrorKind::Timeout,
                 error: BackendError::new(format_args!("{operation}: {error}")),
-            }),
-            Err(_) => Err(Failure {
+            },
+            Err(_) => Failure {
                 error: BackendError::new(format_args!(
                     "{operation}: Redis did not answer within {:?}",
                     inner.command_timeout
                 )),
                 may_still_run: true,
-            }),
+            },
+        };
+        if failure.may_still_run {
+            // Unanswered: the connection may be half-open. Later commands fail at once until
+            // the canary gets an answer again, instead of each waiting the command timeout.
+            inner.command_connection.unanswered();
         }
+        Err(failure)
     }
 
     /// Looks at the stored entry and the lock without taking anything.

@@ -20,7 +20,7 @@ use super::{health::Health, local::LocalWindow};
 use dashmap::{mapref::entry::Entry, DashMap};
 use fred::{
     clients::{Client, SubscriberClient},
-    interfaces::{EventInterface, HeartbeatInterface, KeysInterface, PubsubInterface},
+    interfaces::{ClientLike, EventInterface, HeartbeatInterface, KeysInterface, PubsubInterface},
     types::{config::Server, Expiration, KeyspaceEvent},
 };
 use tokio::sync::{
@@ -272,6 +272,19 @@ impl CommandConnection {
         self.down_until.store(0, Ordering::Release);
         self.back.notify_waiters();
     }
+
+    /// A command went unanswered: the connection counts as down until something is answered
+    /// on it again (the canary, every quarter of the staleness bound) or a reconnect.
+    pub(super) fn unanswered(&self) {
+        self.went_down();
+    }
+
+    /// Something was answered on the connection.
+    fn answered(&self) {
+        if !self.is_up() {
+            self.came_back();
+        }
+    }
 }
 
 /// What the dispatcher needs besides the connections' events.
@@ -286,6 +299,9 @@ pub(super) struct Dispatch {
     pub(super) prefix: String,
     /// Whether the backend may turn the keyspace notifications back on when they are lost.
     pub(super) enable_keyspace_events: bool,
+    /// How long a connection may leave the canary unanswered (or unheard) before it is made
+    /// again: it is half-open.
+    pub(super) dead_after: Duration,
 }
 
 /// Turns the connections' events into wake-ups, and keeps the canary flying, until the clients
@@ -400,14 +416,36 @@ async fn fly_canary(dispatch: &Dispatch) {
     let mut was_alive = false;
     let mut last_repair: Option<Instant> = None;
     let mut beat: u64 = 0;
+    // When the canary was last answered on the command connection, and last heard on the
+    // subscriber connection (or either connection was last made again).
+    let (mut answered, mut heard) = (Instant::now(), Instant::now());
     loop {
         beat += 1;
         let expiry =
             Expiration::PX(i64::try_from(health.bound.as_millis() * 4).unwrap_or(i64::MAX));
         let write = client.set::<(), _, _>(&health.canary_key, beat, Some(expiry), None, false);
-        let _ = tokio::time::timeout(health.bound, write).await;
+        if let Ok(Ok(())) = tokio::time::timeout(health.bound, write).await {
+            dispatch.command_connection.answered();
+            answered = Instant::now();
+        }
         tokio::time::sleep(every).await;
         let alive = health.alive();
+        if alive {
+            heard = Instant::now();
+        }
+        // A connection that answers nothing is half-open (a NAT or proxy dropped it without a
+        // word): it is made again rather than waited on until TCP gives up, minutes later.
+        if answered.elapsed() > dispatch.dead_after {
+            tracing::warn!("the Redis command connection answers nothing: making it again");
+            let _ = tokio::time::timeout(dispatch.dead_after, client.force_reconnection()).await;
+            answered = Instant::now();
+        } else if heard.elapsed() > dispatch.dead_after {
+            tracing::warn!("the Redis subscriber connection delivers nothing: making it again");
+            let subscriber = &dispatch.subscriber;
+            let _ =
+                tokio::time::timeout(dispatch.dead_after, subscriber.force_reconnection()).await;
+            heard = Instant::now();
+        }
         if was_alive && !alive {
             local.clear();
             waiters.wake_everyone();
