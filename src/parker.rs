@@ -171,6 +171,7 @@ impl<V: Value> Parker<V> {
                 .map_err(ParkError::failed)
         };
         let (outcome, result) = self.execute(key.into(), work).await;
+        self.record(outcome);
         // `work` never answers `Pass`, so a missing value means the flight was cut short.
         (
             result.and_then(|value| value.ok_or(ParkError::Cancelled)),
@@ -205,7 +206,8 @@ impl<V: Value> Parker<V> {
     /// served. `Ok(None)`: the caller's own `work` ran and delivered its private value itself.
     ///
     /// `work` gets the key's stored value when it is no longer fresh but still kept (for
-    /// revalidation).
+    /// revalidation). The outcome is not counted: the caller counts it once it knows it is the
+    /// one it serves (see [`record`](Parker::record)).
     pub(crate) async fn execute<F, Fut>(&self, key: Key, work: F) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut + Send + 'static,
@@ -230,26 +232,31 @@ impl<V: Value> Parker<V> {
             Some(Found::Value(payload)) => {
                 // One that does not decode is left to the flight, which overwrites it.
                 if let Ok(value) = V::decode(payload) {
-                    inner.counters.record(Outcome::Hit);
                     return (Outcome::Hit, Ok(Some(value)));
                 }
             }
-            Some(Found::Pass) => {
-                inner.counters.record(Outcome::Pass);
-                return (Outcome::Pass, inner.run_unshared(work).await);
-            }
+            Some(Found::Pass) => return (Outcome::Pass, inner.run_unshared(work).await),
             None => {}
         }
-        let (outcome, result) = match inner.flights.join_or_start(&key) {
+        match inner.flights.join_or_start(&key) {
             Joined::Leader(landing, flight, fallback) => {
                 let task_inner = Arc::clone(inner);
+                // The flight hands the work back when the key turns out to be hit-for-pass, so
+                // that it lands at once and its callers all run their own work together.
+                let (give_back, given_back) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
-                    let landed = task_inner.fly(&key, lookup, work, &fallback).await;
+                    let landed = task_inner
+                        .fly(&key, lookup, work, &fallback, give_back)
+                        .await;
                     landing.land(landed);
                 });
-                flight
+                let landed = flight
                     .await
-                    .unwrap_or((Outcome::Miss, Err(ParkError::Cancelled)))
+                    .unwrap_or((Outcome::Miss, Err(ParkError::Cancelled)));
+                match given_back.await {
+                    Ok(work) => (Outcome::Pass, inner.run_unshared(work).await),
+                    Err(_) => landed,
+                }
             }
             Joined::Follower(flight, fallback) => {
                 let landed = match inner.wait_timeout {
@@ -265,9 +272,7 @@ impl<V: Value> Parker<V> {
                     Some(None) => (Outcome::Coalesced, Err(ParkError::Cancelled)),
                 }
             }
-        };
-        inner.counters.record(outcome);
-        (outcome, result)
+        }
     }
 }
 
@@ -309,6 +314,7 @@ impl<V: Value> Inner<V> {
         mut lookup: Lookup,
         work: F,
         fallback: &Fallback<Landed<V>>,
+        give_back: tokio::sync::oneshot::Sender<F>,
     ) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut,
@@ -329,12 +335,12 @@ impl<V: Value> Inner<V> {
                     return self.lead(lease, work, previous).await;
                 }
                 Ok(Acquire::Fresh(entry)) => entry,
-                Ok(Acquire::Held { .. }) => {
+                Ok(Acquire::Held { leader, .. }) => {
                     if let Some(hook) = &self.before_wait {
                         hook(key.clone()).await;
                     }
                     waited = true;
-                    match self.backend.wait(key, lookup, deadline).await {
+                    match self.backend.wait_for(key, lookup, deadline, leader).await {
                         Err(error) => return self.without_backend("wait", error, work).await,
                         Ok(Wake::Stored(entry)) => entry,
                         Ok(Wake::Released) => {
@@ -353,7 +359,9 @@ impl<V: Value> Inner<V> {
             let found = Stamp::open(&entry).map(|(stamp, payload)| Found::read(stamp, payload));
             let error = match found {
                 Some(Found::Pass) => {
-                    return (Outcome::Pass, self.run_unshared(work).await.map(|_| None))
+                    // Every caller of the flight runs its own work, the leading one included.
+                    let _ = give_back.send(work);
+                    return (Outcome::Pass, Ok(None));
                 }
                 Some(Found::Value(payload)) => match V::decode(payload) {
                     Ok(value) => return (outcome, Ok(Some(value))),

@@ -1074,9 +1074,6 @@ async fn honoured_request_directives_run_the_origin_but_still_join_a_run_in_flig
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: a request that refuses the stored response is counted twice in stats(), as a \
-            hit (Parker::execute_with records the fresh entry it found) and as the outcome of its \
-            own run; the fix is in src/parker.rs"]
 async fn honoured_request_directives_count_one_outcome_per_request() {
     let layer = ParkingLayer::new()
         .ttl(MINUTE)
@@ -1354,9 +1351,6 @@ async fn the_proxy_example_runs_the_origin_once_per_burst_and_revalidates_with_3
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: a request for another variant than the one stored under its key is counted \
-            twice in stats(), as a hit (Parker::execute_with records the entry it found) and as \
-            the outcome under its refined key; the fix is in src/parker.rs"]
 async fn a_request_for_another_variant_counts_one_outcome() {
     let layer = ParkingLayer::new().ttl(MINUTE);
     let origin = Origin::free();

@@ -377,11 +377,6 @@ async fn a_lifetime_of_zero_reaches_callers_parked_in_another_instance_and_is_ne
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a caller whose flight found the lock held, but whose wait starts only after the \
-            leader stored a response with a lifetime of zero, is woken as if the lock were \
-            released (the entry is not fresh and the wait has not yet learnt the leader's fence), \
-            and runs the origin again instead of getting that response; the fix is in \
-            src/backend/redis (the fence could come with the acquire's Held answer)"]
 async fn a_zero_lifetime_run_ending_between_a_follower_s_acquire_and_its_wait_still_reaches_it() {
     let redis = RedisServer::start();
     let origin = Origin::held();

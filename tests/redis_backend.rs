@@ -61,7 +61,7 @@ async fn one_leader_then_the_stored_value_for_everyone() {
 
     let lease = acquired(a.acquire(&key, LEASE, Lookup::Check).await.unwrap());
     match b.acquire(&key, LEASE, Lookup::Check).await.unwrap() {
-        Acquire::Held { expires_in } => assert!(
+        Acquire::Held { expires_in, .. } => assert!(
             expires_in > LEASE - Duration::from_secs(1) && expires_in <= LEASE,
             "{expires_in:?}"
         ),

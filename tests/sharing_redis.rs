@@ -136,12 +136,6 @@ async fn private_responses_pass_in_every_instance_and_each_caller_gets_its_own()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug (src/parker.rs, Inner::fly): a flight that finds a hit-for-pass entry in \
-            Redis (acquire answers Fresh, or wait wakes with Stored) runs its own caller's work \
-            inside the flight before it lands, and only then do its followers get Ok(None) and \
-            run theirs: first burst 3 W (W lead, W per-instance flight, W followers), later \
-            bursts 2 W (the local window no longer trusts its copy of the pass entry, so each \
-            instance forms a flight again)"]
 async fn private_responses_first_burst_within_2w_later_bursts_within_w() {
     const WORK: Duration = Duration::from_secs(1);
     const SLACK: Duration = Duration::from_millis(500);

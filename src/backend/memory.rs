@@ -323,9 +323,10 @@ impl Backend for MemoryBackend {
                 return Self::ready(Acquire::Fresh(stored.entry.clone()));
             }
         }
-        if let Some((_, until)) = entry.live_lock(now) {
+        if let Some((fence, until)) = entry.live_lock(now) {
             return Self::ready(Acquire::Held {
                 expires_in: until - now,
+                leader: Some(fence),
             });
         }
         let previous = kept.map(|stored| stored.entry.clone());
@@ -403,15 +404,16 @@ impl Backend for MemoryBackend {
         Self::ready(())
     }
 
-    fn wait<'a>(
+    fn wait_for<'a>(
         &'a self,
         key: &'a Key,
         lookup: Lookup,
         deadline: Option<Instant>,
+        leader: Option<u64>,
     ) -> BackendFuture<'a, Wake> {
         Box::pin(async move {
             // The fence of the leader this wait is for: its entry ends the wait, fresh or not.
-            let mut awaited = None;
+            let mut awaited = leader;
             loop {
                 let changed = {
                     let mut state = self.state();

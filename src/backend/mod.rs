@@ -90,6 +90,19 @@ pub trait Backend: Send + Sync + 'static {
         key: &'a Key,
         lookup: Lookup,
         deadline: Option<Instant>,
+    ) -> BackendFuture<'a, Wake> {
+        self.wait_for(key, lookup, deadline, None)
+    }
+
+    /// [`wait`](Backend::wait), for the entry of the leader whose fence `acquire` reported in
+    /// [`Acquire::Held`] (`None`: the holder of the lock when the wait begins). Knowing it, the
+    /// wait also ends on that leader's entry stored between the `acquire` and the wait.
+    fn wait_for<'a>(
+        &'a self,
+        key: &'a Key,
+        lookup: Lookup,
+        deadline: Option<Instant>,
+        leader: Option<u64>,
     ) -> BackendFuture<'a, Wake>;
 
     /// Forgets the stored entries of every key with `key`'s URI part (every variant) and fences
@@ -138,13 +151,14 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
     fn release<'a>(&'a self, lease: &'a Lease) -> BackendFuture<'a, ()> {
         (**self).release(lease)
     }
-    fn wait<'a>(
+    fn wait_for<'a>(
         &'a self,
         key: &'a Key,
         lookup: Lookup,
         deadline: Option<Instant>,
+        leader: Option<u64>,
     ) -> BackendFuture<'a, Wake> {
-        (**self).wait(key, lookup, deadline)
+        (**self).wait_for(key, lookup, deadline, leader)
     }
     fn invalidate<'a>(&'a self, key: &'a Key) -> BackendFuture<'a, ()> {
         (**self).invalidate(key)
@@ -181,6 +195,9 @@ pub enum Acquire {
     Held {
         /// The lock's remaining time to live, as the backend saw it.
         expires_in: Duration,
+        /// The holder's fence, when the backend knows it: pass it to
+        /// [`wait_for`](Backend::wait_for).
+        leader: Option<u64>,
     },
 }
 

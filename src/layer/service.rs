@@ -246,6 +246,7 @@ where
         let work = leader_work(Arc::clone(&slot), Arc::clone(&http), inner.clone(), deliver);
         let (outcome, result) = parker.execute_with(key.clone(), lookup, work).await;
         if let Ok(own) = delivered.try_recv() {
+            parker.record(outcome);
             let mut response = own?;
             if conditions.not_modified(response.status(), response.headers()) {
                 response = not_modified(response.headers());
@@ -255,8 +256,14 @@ where
         }
         let stored = match result {
             Ok(Some(stored)) => stored,
-            Ok(None) => return Ok(error_response(&http, &ParkError::Cancelled, outcome)),
-            Err(error) => return Ok(error_response(&http, &error, outcome)),
+            Ok(None) => {
+                parker.record(outcome);
+                return Ok(error_response(&http, &ParkError::Cancelled, outcome));
+            }
+            Err(error) => {
+                parker.record(outcome);
+                return Ok(error_response(&http, &error, outcome));
+            }
         };
         let next = {
             let request = lock(&slot);
@@ -274,7 +281,10 @@ where
             }
         };
         match next {
-            None => return Ok(reused(&http, stored, outcome, &conditions)),
+            None => {
+                parker.record(outcome);
+                return Ok(reused(&http, stored, outcome, &conditions));
+            }
             Some(Err(variant)) => key = key.refined(&variant),
             Some(Ok(skip)) => lookup = skip,
         }
@@ -283,11 +293,14 @@ where
     let request = lock(&slot).take();
     match request {
         Some(request) => bypass(&parker, &http, inner, request).await,
-        None => Ok(error_response(
-            &http,
-            &ParkError::Cancelled,
-            Outcome::Bypass,
-        )),
+        None => {
+            parker.record(Outcome::Bypass);
+            Ok(error_response(
+                &http,
+                &ParkError::Cancelled,
+                Outcome::Bypass,
+            ))
+        }
     }
 }
 

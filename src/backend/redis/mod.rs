@@ -409,7 +409,8 @@ enum Reply {
         token: String,
         stale: Option<Bytes>,
     },
-    Held(i64),
+    /// The lock's `PTTL` and its holder's fence (`0`: unknown).
+    Held(i64, String),
 }
 
 impl Reply {
@@ -424,7 +425,12 @@ impl Reply {
                     .zip(pttl)
                     .map(|(value, pttl)| Reply::Fresh(value, pttl))
             }
-            Some("held") => items.next().and_then(|pttl| pttl.as_i64()).map(Reply::Held),
+            Some("held") => {
+                let pttl = items.next().and_then(|pttl| pttl.as_i64());
+                let fence = items.next().and_then(Value::into_string);
+                pttl.zip(fence)
+                    .map(|(pttl, fence)| Reply::Held(pttl, fence))
+            }
             Some("acquired") => {
                 let fence = items.next().and_then(|fence| fence.as_u64());
                 let token = items.next().and_then(|token| token.into_string());
@@ -511,8 +517,9 @@ impl Backend for RedisBackend {
                     token,
                     stale,
                 } => Acquire::Acquired(Lease::new(key.clone(), fence, token, lease), stale),
-                Reply::Held(pttl) => Acquire::Held {
+                Reply::Held(pttl, fence) => Acquire::Held {
                     expires_in: self.remaining(pttl),
+                    leader: fence.parse().ok().filter(|fence| *fence > 0),
                 },
             })
         })
@@ -579,17 +586,19 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn wait<'a>(
+    fn wait_for<'a>(
         &'a self,
         key: &'a Key,
         lookup: Lookup,
         deadline: Option<Instant>,
+        leader: Option<u64>,
     ) -> BackendFuture<'a, Wake> {
         Box::pin(async move {
             let keys = self.keys(key);
             let registration = self.inner.waiters.register(&keys.hash);
-            // The fence of the leader this wait is for, learnt from its lock at the first look.
-            let mut awaited = String::from("0");
+            // The fence of the leader this wait is for: as `acquire` saw it, or learnt from its
+            // lock at the first look.
+            let mut awaited = leader.map_or_else(|| String::from("0"), |fence| fence.to_string());
             loop {
                 // Armed before the re-check: a change after it wakes us even if it lands before
                 // we start waiting.

@@ -54,7 +54,7 @@ end
 
 /// KEYS: resp, lock, fence, gen. ARGV: lookup ('1' or '0'), lease ms, nonce, fence ttl ms, now
 /// (µs). Returns `{'fresh', entry, entry pttl}`, `{'acquired', fence, token[, stale entry]}` or
-/// `{'held', lock pttl}`.
+/// `{'held', lock pttl, holder's fence}`.
 const ACQUIRE: &str = concat!(
     next_fence_lua!(),
     stored_lua!(),
@@ -67,7 +67,9 @@ if value and ARGV[1] == '1' then
   end
 end
 local pttl = redis.call('PTTL', KEYS[2])
-if pttl ~= -2 then return {'held', pttl} end
+if pttl ~= -2 then
+  return {'held', pttl, string.match(redis.call('GET', KEYS[2]) or '', '^(%d+):') or '0'}
+end
 local fence = next_fence(KEYS[3], ARGV[4])
 local token = fence .. ':' .. ARGV[3] .. ':' .. gen
 redis.call('SET', KEYS[2], token, 'PX', ARGV[2])
