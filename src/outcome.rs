@@ -28,11 +28,14 @@ pub enum Outcome {
     /// This call led, and its run revalidated the stored response (the handler answered `304 Not
     /// Modified` to a conditional request): the stored body is served with the refreshed head.
     Revalidated,
+    /// Served a value past its freshness, within a stale window: while one refresh runs
+    /// (stale-while-revalidate), or in place of a run that failed (stale-if-error).
+    Stale,
 }
 
 impl Outcome {
     /// Every outcome, in the order [`Stats`] lists them.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Miss,
         Outcome::Hit,
         Outcome::Coalesced,
@@ -41,10 +44,11 @@ impl Outcome {
         Outcome::Timeout,
         Outcome::Pass,
         Outcome::Revalidated,
+        Outcome::Stale,
     ];
 
     /// The outcome's name, as sent in the `x-parking` header: `miss`, `hit`, `coalesced`,
-    /// `parked`, `bypass`, `timeout`, `pass` or `revalidated`.
+    /// `parked`, `bypass`, `timeout`, `pass`, `revalidated` or `stale`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Miss => "miss",
@@ -55,6 +59,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Pass => "pass",
             Outcome::Revalidated => "revalidated",
+            Outcome::Stale => "stale",
         }
     }
 
@@ -93,6 +98,10 @@ pub struct Stats {
     pub pass: u64,
     /// Calls whose run revalidated the stored response with a `304`.
     pub revalidated: u64,
+    /// Calls served a stale value (while a refresh ran, or in place of a failed run).
+    pub stale: u64,
+    /// Background refreshes that failed (the stale value kept serving).
+    pub refresh_failures: u64,
     /// How many times the parker ran the work (the handler), whoever asked. Bypassed requests
     /// run the handler outside the parker and count in `bypass` only.
     pub executions: u64,
@@ -114,6 +123,7 @@ impl Stats {
             Outcome::Timeout => self.timeout,
             Outcome::Pass => self.pass,
             Outcome::Revalidated => self.revalidated,
+            Outcome::Stale => self.stale,
         }
     }
 
@@ -137,6 +147,8 @@ impl std::ops::Add for Stats {
             timeout: self.timeout + other.timeout,
             pass: self.pass + other.pass,
             revalidated: self.revalidated + other.revalidated,
+            stale: self.stale + other.stale,
+            refresh_failures: self.refresh_failures + other.refresh_failures,
             executions: self.executions + other.executions,
             failures: self.failures + other.failures,
             backend_errors: self.backend_errors + other.backend_errors,
@@ -157,6 +169,7 @@ pub(crate) struct Counters {
     executions: AtomicU64,
     failures: AtomicU64,
     backend_errors: AtomicU64,
+    refresh_failures: AtomicU64,
 }
 
 impl Counters {
@@ -170,6 +183,10 @@ impl Counters {
 
     pub(crate) fn failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refresh_failure(&self) {
+        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn backend_error(&self) {
@@ -187,6 +204,8 @@ impl Counters {
             timeout: outcome(Outcome::Timeout),
             pass: outcome(Outcome::Pass),
             revalidated: outcome(Outcome::Revalidated),
+            stale: outcome(Outcome::Stale),
+            refresh_failures: self.refresh_failures.load(Ordering::Relaxed),
             executions: self.executions.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             backend_errors: self.backend_errors.load(Ordering::Relaxed),

@@ -43,6 +43,12 @@ pub(crate) enum Completion<V> {
 /// How long a stored value serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Keep {
+    /// Whether it may be served stale (while a refresh runs, or in place of a failed run) for
+    /// the parker's stale windows. No, for responses that must be revalidated once stale.
+    pub(crate) may_serve_stale: bool,
+    /// The run failed (a `5xx`): it is handed to the callers waiting for it unless a stale value
+    /// may stand in for it, and a refresh that ends so keeps the previous value.
+    pub(crate) failed: bool,
     /// Served without running the work for this long. Zero: handed only to the callers
     /// already waiting for this run, in every process.
     pub(crate) fresh_for: Duration,
@@ -57,6 +63,8 @@ impl Keep {
     /// Fresh for `ttl`, then gone.
     pub(crate) fn for_ttl(ttl: Duration) -> Self {
         Self {
+            may_serve_stale: true,
+            failed: false,
             fresh_for: ttl,
             keep_for: ttl,
             revalidated: false,
@@ -96,6 +104,10 @@ struct Inner<V: Value> {
     flights: Arc<Flights<Landed<V>>>,
     backend: Arc<dyn Backend>,
     ttl: Duration,
+    stale: StaleSettings,
+    /// Keys whose background refresh runs in this process.
+    refreshing: dashmap::DashMap<Key, ()>,
+    refresh_warnings: RateLimitedWarning,
     wait_timeout: Option<Duration>,
     on_wait_timeout: WaitTimeoutPolicy,
     counters: Counters,
@@ -225,18 +237,31 @@ impl<V: Value> Parker<V> {
     {
         let inner = &self.inner;
         let peeked = match lookup {
-            Lookup::Check => inner.backend.peek(&key).and_then(Found::fresh),
+            Lookup::Check => inner.backend.peek(&key),
             Lookup::Skip => None,
         };
-        match peeked {
-            Some(Found::Value(payload)) => {
-                // One that does not decode is left to the flight, which overwrites it.
-                if let Ok(value) = V::decode(payload) {
-                    return (Outcome::Hit, Ok(Some(value)));
+        if let Some((stamp, payload)) = peeked.as_ref().and_then(Stamp::open) {
+            let now = clock::now();
+            match stamp.kind {
+                EntryKind::Pass if stamp.is_fresh(now) => {
+                    return (Outcome::Pass, inner.run_unshared(work).await)
                 }
+                // One that does not decode is left to the flight, which overwrites it.
+                EntryKind::Value => match V::decode(payload) {
+                    Ok(value) if stamp.is_fresh(now) => {
+                        if inner.stale.refresh_early(&stamp, now) {
+                            inner.refresh(key, work);
+                        }
+                        return (Outcome::Hit, Ok(Some(value)));
+                    }
+                    Ok(value) if stamp.serves_stale(now) => {
+                        inner.refresh(key, work);
+                        return (Outcome::Stale, Ok(Some(value)));
+                    }
+                    _ => {}
+                },
+                _ => {}
             }
-            Some(Found::Pass) => return (Outcome::Pass, inner.run_unshared(work).await),
-            None => {}
         }
         match inner.flights.join_or_start(&key) {
             Joined::Leader(landing, flight, fallback) => {
@@ -245,10 +270,19 @@ impl<V: Value> Parker<V> {
                 // that it lands at once and its callers all run their own work together.
                 let (give_back, given_back) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
-                    let landed = task_inner
+                    match task_inner
                         .fly(&key, lookup, work, &fallback, give_back)
-                        .await;
-                    landing.land(landed);
+                        .await
+                    {
+                        Flown::Landed(landed) => landing.land(landed),
+                        Flown::Stale(value, refresh) => {
+                            // Everyone gets the stale value now; the refresh goes on.
+                            landing.land((Outcome::Stale, Ok(Some(value))));
+                            let (lease, work, previous) = refresh;
+                            // Nobody waits for a refresh: its result is stored, or it failed.
+                            let _ = task_inner.lead(lease, work, previous, true).await;
+                        }
+                    }
                 });
                 let landed = flight
                     .await
@@ -266,8 +300,11 @@ impl<V: Value> Parker<V> {
                 match landed {
                     None => inner.after_wait_timeout(work, &fallback).await,
                     Some(Some((_, Ok(None)))) => (Outcome::Pass, inner.run_unshared(work).await),
-                    // The flight gave up on its leader and ran the work itself, for all.
-                    Some(Some((Outcome::Timeout, result))) => (Outcome::Timeout, result),
+                    // The flight gave up on its leader and ran the work itself, for all; or it
+                    // serves a stale value.
+                    Some(Some((outcome @ (Outcome::Timeout | Outcome::Stale), result))) => {
+                        (outcome, result)
+                    }
                     Some(Some((_, result))) => (Outcome::Coalesced, result),
                     Some(None) => (Outcome::Coalesced, Err(ParkError::Cancelled)),
                 }
@@ -290,20 +327,65 @@ enum Found {
 }
 
 impl Found {
-    /// The entry if it is fresh now; `None` for a stale or unreadable one.
-    fn fresh(entry: bytes::Bytes) -> Option<Self> {
-        let (stamp, payload) = Stamp::open(&entry)?;
-        stamp
-            .is_fresh(clock::now())
-            .then(|| Self::read(stamp, payload))
-    }
-
     fn read(stamp: Stamp, payload: bytes::Bytes) -> Self {
         match stamp.kind {
             EntryKind::Pass => Self::Pass,
             EntryKind::Value => Self::Value(payload),
         }
     }
+}
+
+/// A stored value with its head: what a run may revalidate, or serve when it fails.
+type Previous<V> = Option<(Stamp, V)>;
+
+/// How a flight ended: landed, or serving a stale value while it goes on with a refresh under
+/// this lease.
+enum Flown<V, F> {
+    Landed(Landed<V>),
+    Stale(V, (Lease, F, Previous<V>)),
+}
+
+/// The stale windows (RFC 5861) and early refresh, as the parker applies them.
+#[derive(Debug, Clone, Copy, Default)]
+struct StaleSettings {
+    /// How long past its freshness a value is served while one refresh runs.
+    while_revalidate: Duration,
+    /// How long past its freshness a value stands in for a run that failed.
+    if_error: Duration,
+    /// How long a failed refresh keeps others in the fleet from trying again.
+    retry_after: Duration,
+    /// XFetch's β: refresh a hot value before it expires, with a probability that grows as
+    /// expiry nears, in proportion to how long its run took.
+    early: Option<f64>,
+}
+
+impl StaleSettings {
+    /// Whether a hit at `now` starts a refresh early (Vattani et al., VLDB 2015):
+    /// `now − δ·β·ln(rand()) ≥ expiry`, δ the last run's duration.
+    fn refresh_early(&self, stamp: &Stamp, now: clock::Micros) -> bool {
+        let Some(beta) = self.early else {
+            return false;
+        };
+        let delta = stamp.took_ms as f64 * 1_000.0;
+        now as f64 - delta * beta * uniform().ln() >= stamp.fresh_until as f64
+    }
+}
+
+/// A number drawn uniformly from (0, 1].
+fn uniform() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(clock::now());
+    1.0 - (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// An entry's head and value, when it holds a value that decodes.
+fn decode_value<V: Value>(entry: &bytes::Bytes) -> Option<(Stamp, V)> {
+    let (stamp, payload) = Stamp::open(entry)?;
+    if stamp.kind != EntryKind::Value {
+        return None;
+    }
+    Some((stamp, V::decode(payload).ok()?))
 }
 
 impl<V: Value> Inner<V> {
@@ -315,39 +397,56 @@ impl<V: Value> Inner<V> {
         work: F,
         fallback: &Fallback<Landed<V>>,
         give_back: tokio::sync::oneshot::Sender<F>,
-    ) -> Landed<V>
+    ) -> Flown<V, F>
     where
-        F: FnOnce(Option<V>) -> Fut,
-        Fut: Future<Output = Result<Completion<V>, ParkError>>,
+        F: FnOnce(Option<V>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
     {
+        let landed = |landed| Flown::Landed(landed);
         let lease = self.backend.lease_settings().lease;
         let deadline = self.wait_timeout.map(|timeout| Instant::now() + timeout);
         // A value found after waiting for another leader came from that leader: parked, not hit.
         let mut waited = false;
         loop {
             let entry = match self.backend.acquire(key, lease, lookup).await {
-                Err(error) => return self.without_backend("acquire", error, work).await,
+                Err(error) => return landed(self.without_backend("acquire", error, work).await),
                 Ok(Acquire::Acquired(lease, previous)) => {
-                    let previous = previous
-                        .and_then(|entry| Stamp::open(&entry))
-                        .filter(|(stamp, _)| stamp.kind == EntryKind::Value)
-                        .and_then(|(_, payload)| V::decode(payload).ok());
-                    return self.lead(lease, work, previous).await;
+                    let previous = previous.and_then(|entry| decode_value::<V>(&entry));
+                    let now = clock::now();
+                    return match previous {
+                        Some((stamp, value))
+                            if lookup == Lookup::Check && stamp.serves_stale(now) =>
+                        {
+                            Flown::Stale(value.clone(), (lease, work, Some((stamp, value))))
+                        }
+                        previous => landed(self.lead(lease, work, previous, false).await),
+                    };
                 }
                 Ok(Acquire::Fresh(entry)) => entry,
-                Ok(Acquire::Held { leader, .. }) => {
+                Ok(Acquire::Held { leader, stored, .. }) => {
+                    // A refresh runs elsewhere: the stale value serves meanwhile.
+                    let stale = stored
+                        .and_then(|entry| decode_value::<V>(&entry))
+                        .filter(|(stamp, _)| stamp.serves_stale(clock::now()));
+                    if let Some((_, value)) = stale.filter(|_| lookup == Lookup::Check) {
+                        return landed((Outcome::Stale, Ok(Some(value))));
+                    }
                     if let Some(hook) = &self.before_wait {
                         hook(key.clone()).await;
                     }
                     waited = true;
                     match self.backend.wait_for(key, lookup, deadline, leader).await {
-                        Err(error) => return self.without_backend("wait", error, work).await,
+                        Err(error) => {
+                            return landed(self.without_backend("wait", error, work).await)
+                        }
                         Ok(Wake::Stored(entry)) => entry,
                         Ok(Wake::Released) => {
                             lookup = Lookup::Check;
                             continue;
                         }
-                        Ok(Wake::TimedOut) => return self.after_wait_timeout(work, fallback).await,
+                        Ok(Wake::TimedOut) => {
+                            return landed(self.after_wait_timeout(work, fallback).await)
+                        }
                     }
                 }
             };
@@ -356,15 +455,24 @@ impl<V: Value> Inner<V> {
             } else {
                 Outcome::Hit
             };
-            let found = Stamp::open(&entry).map(|(stamp, payload)| Found::read(stamp, payload));
+            let opened = Stamp::open(&entry);
+            let early = opened
+                .as_ref()
+                .is_some_and(|(stamp, _)| !waited && self.stale.refresh_early(stamp, clock::now()));
+            let found = opened.map(|(stamp, payload)| Found::read(stamp, payload));
             let error = match found {
                 Some(Found::Pass) => {
                     // Every caller of the flight runs its own work, the leading one included.
                     let _ = give_back.send(work);
-                    return (Outcome::Pass, Ok(None));
+                    return landed((Outcome::Pass, Ok(None)));
                 }
                 Some(Found::Value(payload)) => match V::decode(payload) {
-                    Ok(value) => return (outcome, Ok(Some(value))),
+                    Ok(value) => {
+                        if early {
+                            self.refresh(key.clone(), work);
+                        }
+                        return landed((outcome, Ok(Some(value))));
+                    }
                     Err(error) => error.to_string(),
                 },
                 None => "not an entry of this version".to_owned(),
@@ -375,7 +483,18 @@ impl<V: Value> Inner<V> {
     }
 
     /// Runs the work as the leader, renewing the lease while it runs, then stores or releases.
-    async fn lead<F, Fut>(self: &Arc<Self>, lease: Lease, work: F, previous: Option<V>) -> Landed<V>
+    ///
+    /// `previous` is the value still stored (stale), handed to the work to revalidate, and served
+    /// in its place if the run fails within the stale-if-error window. A `refresh` runs for
+    /// callers already served (stale): when it fails, the previous value stays, and nobody in
+    /// the fleet refreshes the key again for the retry interval.
+    async fn lead<F, Fut>(
+        self: &Arc<Self>,
+        lease: Lease,
+        work: F,
+        previous: Previous<V>,
+        refresh: bool,
+    ) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut,
         Fut: Future<Output = Result<Completion<V>, ParkError>>,
@@ -387,21 +506,52 @@ impl<V: Value> Inner<V> {
         // Lets the renewal start (and so leave this worker's own slot, which no other worker may
         // take it from) before the work may block this worker.
         tokio::task::yield_now().await;
-        let completion = self.run_work(move || work(previous)).await;
+        let revalidating = previous.as_ref().map(|(_, value)| value.clone());
+        let completion = self.run_work(move || work(revalidating)).await;
         renewal.abort();
         let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let now = clock::now();
+        let failed = match &completion {
+            Err(_) => true,
+            Ok(Completion::Store(_, keep)) => keep.failed || (refresh && keep.fresh_for.is_zero()),
+            Ok(Completion::Pass(_)) => refresh,
+        };
+        if failed && refresh {
+            self.refresh_failed(&lease, &completion).await;
+            return (Outcome::Stale, Ok(previous.map(|(_, value)| value)));
+        }
+        if let Some((_, value)) = previous.filter(|(stamp, _)| failed && stamp.serves_on_error(now))
+        {
+            // Stale if error: the value still stored stands in for the failed run, and stays.
+            if let Err(error) = self.backend.release(&lease).await {
+                self.backend_failed("release", &error);
+            }
+            return (Outcome::Stale, Ok(Some(value)));
+        }
+        let at = |duration: Duration| now.saturating_add(clock::micros(duration));
         let stamp = |kind, fresh_for: Duration, keep_for: Duration| Stamp {
             fence: lease.fence(),
-            fresh_until: now.saturating_add(clock::micros(fresh_for)),
-            keep_until: now.saturating_add(clock::micros(keep_for)),
+            fresh_until: at(fresh_for),
+            keep_until: at(keep_for),
+            stale_until: 0,
+            error_until: 0,
             stored_at: now,
             took_ms,
             kind,
         };
         let (outcome, result, entry) = match completion {
             Ok(Completion::Store(value, keep)) => {
-                let keep_for = keep.keep_for.max(keep.fresh_for);
+                let stale = &self.stale;
+                let (stale_for, error_for) = if keep.may_serve_stale && !keep.failed {
+                    (stale.while_revalidate, stale.if_error)
+                } else {
+                    (Duration::ZERO, Duration::ZERO)
+                };
+                let keep_for = keep
+                    .keep_for
+                    .max(keep.fresh_for)
+                    .max(keep.fresh_for + stale_for)
+                    .max(keep.fresh_for + error_for);
                 // Not fresh and not kept: kept just long enough for the callers parked on this
                 // run elsewhere to pick it up.
                 let keep_for = if keep_for.is_zero() {
@@ -409,7 +559,12 @@ impl<V: Value> Inner<V> {
                 } else {
                     keep_for
                 };
-                let entry = stamp(EntryKind::Value, keep.fresh_for, keep_for).seal(&value.encode());
+                let entry = Stamp {
+                    stale_until: at(keep.fresh_for + stale_for),
+                    error_until: at(keep.fresh_for + error_for),
+                    ..stamp(EntryKind::Value, keep.fresh_for, keep_for)
+                }
+                .seal(&value.encode());
                 let outcome = if keep.revalidated {
                     Outcome::Revalidated
                 } else {
@@ -449,6 +604,52 @@ impl<V: Value> Inner<V> {
             }
         }
         (outcome, result)
+    }
+
+    /// A background refresh failed: counted, said (at most every few seconds), and the key's lock
+    /// held for the retry interval, so that nobody in the fleet hammers a failing upstream; the
+    /// previous value keeps serving until its stale window ends.
+    async fn refresh_failed(&self, lease: &Lease, completion: &Result<Completion<V>, ParkError>) {
+        self.counters.refresh_failure();
+        let why = match completion {
+            Err(error) => error.to_string(),
+            Ok(Completion::Pass(_)) => "its response may not be shared".to_owned(),
+            Ok(Completion::Store(..)) => "its response is an error, or may not be kept".to_owned(),
+        };
+        self.refresh_warnings.warn(|suppressed| {
+            tracing::warn!(key = %lease.key(), why, suppressed, "a refresh failed: the stale value keeps serving");
+        });
+        let retry = self.stale.retry_after;
+        let cooldown = Lease::new(lease.key().clone(), lease.fence(), lease.token(), retry);
+        if retry.is_zero() || !matches!(self.backend.renew(&cooldown).await, Ok(true)) {
+            if let Err(error) = self.backend.release(lease).await {
+                self.backend_failed("release", &error);
+            }
+        }
+    }
+
+    /// Refreshes `key` in the background with `work`, unless a refresh of it runs in this
+    /// process already; across processes, the lease makes it one at a time.
+    fn refresh<F, Fut>(self: &Arc<Self>, key: Key, work: F)
+    where
+        F: FnOnce(Option<V>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
+    {
+        if self.refreshing.insert(key.clone(), ()).is_some() {
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let lease = inner.backend.lease_settings().lease;
+            if let Ok(Acquire::Acquired(lease, previous)) =
+                inner.backend.acquire(&key, lease, Lookup::Skip).await
+            {
+                let previous = previous.and_then(|entry| decode_value(&entry));
+                // Nobody waits for a refresh: its result is stored, or it failed.
+                let _ = inner.lead(lease, work, previous, true).await;
+            }
+            inner.refreshing.remove(&key);
+        });
     }
 
     /// Stores the leader's entry after a first attempt failed with `error`, trying again while
@@ -606,6 +807,7 @@ impl<V: Value> Inner<V> {
 pub struct ParkerBuilder {
     backend: Option<Arc<dyn Backend>>,
     ttl: Duration,
+    stale: StaleSettings,
     wait_timeout: Option<Duration>,
     on_wait_timeout: WaitTimeoutPolicy,
     before_wait: Option<BeforeWait>,
@@ -616,6 +818,10 @@ impl Default for ParkerBuilder {
         Self {
             backend: None,
             ttl: Duration::from_secs(10),
+            stale: StaleSettings {
+                retry_after: Duration::from_secs(1),
+                ..StaleSettings::default()
+            },
             wait_timeout: None,
             on_wait_timeout: WaitTimeoutPolicy::default(),
             before_wait: None,
@@ -651,6 +857,38 @@ impl ParkerBuilder {
     /// callers still share one run.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    /// How long past its freshness a value is still served, at once, while one refresh runs in
+    /// the background across every process on the backend (RFC 5861 stale-while-revalidate;
+    /// default zero: off). When the refresh fails, the value keeps serving until the window
+    /// ends, and the refresh is tried again at most every [`refresh_retry`](Self::refresh_retry).
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale.while_revalidate = window;
+        self
+    }
+
+    /// How long past its freshness a value stands in for a run that fails (an error, a panic,
+    /// a `5xx` from the layer): its caller and every caller waiting for it get the old value
+    /// (RFC 5861 stale-if-error; default zero: off).
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale.if_error = window;
+        self
+    }
+
+    /// How long a failed background refresh keeps every process from trying again (default 1
+    /// second), so that a failing upstream is not hammered.
+    pub fn refresh_retry(mut self, interval: Duration) -> Self {
+        self.stale.retry_after = interval;
+        self
+    }
+
+    /// Refreshes hot values before they expire (XFetch, Vattani et al., VLDB 2015; default off):
+    /// a hit at time `t` starts a background refresh when `t − δ·β·ln(rand()) ≥ expiry`, δ being
+    /// how long the last run took. `beta` 1.0 is the usual choice; larger refreshes earlier.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.stale.early = (beta > 0.0).then_some(beta);
         self
     }
 
@@ -690,6 +928,9 @@ impl ParkerBuilder {
                     .backend
                     .unwrap_or_else(|| Arc::new(MemoryBackend::new())),
                 ttl: self.ttl,
+                stale: self.stale,
+                refreshing: dashmap::DashMap::new(),
+                refresh_warnings: RateLimitedWarning::default(),
                 wait_timeout: self.wait_timeout,
                 on_wait_timeout: self.on_wait_timeout,
                 counters: Counters::default(),

@@ -539,7 +539,7 @@ async fn a_revalidation_is_one_run_across_instances_and_refreshes_every_caller_s
 /// A stored entry as the parker writes it in Redis (generation 0, fence 1), fresh until
 /// `fresh_until_us` and kept for ever, whose value is `value`.
 fn entry(fresh_until_us: u64, value: &[u8]) -> Vec<u8> {
-    let mut entry = format!("0 TP2 1 {fresh_until_us} 9999999999999999 0 0 V\n").into_bytes();
+    let mut entry = format!("0 TP2 1 {fresh_until_us} 9999999999999999 0 0 0 0 V\n").into_bytes();
     entry.extend_from_slice(value);
     entry
 }

@@ -327,6 +327,7 @@ impl Backend for MemoryBackend {
             return Self::ready(Acquire::Held {
                 expires_in: until - now,
                 leader: Some(fence),
+                stored: kept.map(|stored| stored.entry.clone()),
             });
         }
         let previous = kept.map(|stored| stored.entry.clone());
@@ -496,6 +497,8 @@ mod tests {
             fence,
             fresh_until: now + clock::micros(fresh_for),
             keep_until: now + clock::micros(fresh_for),
+            stale_until: 0,
+            error_until: 0,
             stored_at: now,
             took_ms: 0,
             kind: EntryKind::Value,

@@ -198,6 +198,9 @@ pub enum Acquire {
         /// The holder's fence, when the backend knows it: pass it to
         /// [`wait_for`](Backend::wait_for).
         leader: Option<u64>,
+        /// The entry still stored for the key, stale, if any: it may serve while the holder
+        /// refreshes it.
+        stored: Option<Bytes>,
     },
 }
 

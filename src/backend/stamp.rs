@@ -3,7 +3,7 @@
 //! The parker writes each entry as an ASCII head and the encoded value:
 //!
 //! ```text
-//! TP2 <fence> <fresh until> <keep until> <stored at> <took ms> <V|P>\n<value bytes>
+//! TP2 <fence> <fresh until> <keep until> <stale until> <error until> <stored at> <took ms> <V|P>\n<value bytes>
 //! ```
 //!
 //! Times are microseconds since the Unix epoch. The head is text so that a backend's server-side
@@ -35,6 +35,10 @@ pub struct Stamp {
     pub fresh_until: Micros,
     /// Until when it is kept at all (for revalidation and stale serving), at least `fresh_until`.
     pub keep_until: Micros,
+    /// Until when it may be served stale while one refresh runs (stale-while-revalidate).
+    pub stale_until: Micros,
+    /// Until when it may be served in place of a run that failed (stale-if-error).
+    pub error_until: Micros,
     /// When it was stored.
     pub stored_at: Micros,
     /// How long the run that produced it took, in milliseconds.
@@ -49,6 +53,16 @@ impl Stamp {
         self.fresh_until > now
     }
 
+    /// Whether the entry, no longer fresh, may still be served while one refresh runs.
+    pub fn serves_stale(&self, now: Micros) -> bool {
+        self.kind == EntryKind::Value && self.stale_until > now
+    }
+
+    /// Whether the entry may be served in place of a run that failed at `now`.
+    pub fn serves_on_error(&self, now: Micros) -> bool {
+        self.kind == EntryKind::Value && self.error_until > now
+    }
+
     /// The entry: this head followed by `value`.
     pub fn seal(&self, value: &[u8]) -> Bytes {
         let kind = match self.kind {
@@ -56,8 +70,14 @@ impl Stamp {
             EntryKind::Pass => 'P',
         };
         let head = format!(
-            "{TAG} {} {} {} {} {} {kind}\n",
-            self.fence, self.fresh_until, self.keep_until, self.stored_at, self.took_ms
+            "{TAG} {} {} {} {} {} {} {} {kind}\n",
+            self.fence,
+            self.fresh_until,
+            self.keep_until,
+            self.stale_until,
+            self.error_until,
+            self.stored_at,
+            self.took_ms
         );
         let mut out = Vec::with_capacity(head.len() + value.len());
         out.extend_from_slice(head.as_bytes());
@@ -75,8 +95,9 @@ impl Stamp {
             return None;
         }
         let mut number = || fields.next()?.parse::<u64>().ok();
-        let (fence, fresh_until, keep_until, stored_at, took_ms) =
-            (number()?, number()?, number()?, number()?, number()?);
+        let (fence, fresh_until, keep_until) = (number()?, number()?, number()?);
+        let (stale_until, error_until, stored_at, took_ms) =
+            (number()?, number()?, number()?, number()?);
         let kind = match fields.next()? {
             "V" => EntryKind::Value,
             "P" => EntryKind::Pass,
@@ -86,6 +107,8 @@ impl Stamp {
             fence,
             fresh_until,
             keep_until,
+            stale_until,
+            error_until,
             stored_at,
             took_ms,
             kind,
@@ -108,6 +131,8 @@ mod tests {
             fence: 1_700_000_000_000_001,
             fresh_until: 1_800_000_000_000_000,
             keep_until: 1_800_000_060_000_000,
+            stale_until: 1_800_000_030_000_000,
+            error_until: 1_800_000_040_000_000,
             stored_at: 1_799_999_990_000_000,
             took_ms: 250,
             kind: EntryKind::Value,
@@ -124,11 +149,11 @@ mod tests {
     fn anything_else_does_not_open() {
         for bad in [
             &b""[..],
-            b"TP1 1 2 3 4 5 V\nx",
-            b"TP2 1 2 3 4 V\nx",
-            b"TP2 1 2 3 4 5 X\nx",
-            b"TP2 a 2 3 4 5 V\nx",
-            b"TP2 1 2 3 4 5 V",
+            b"TP1 1 2 3 4 5 6 7 V\nx",
+            b"TP2 1 2 3 4 5 6 V\nx",
+            b"TP2 1 2 3 4 5 6 7 X\nx",
+            b"TP2 a 2 3 4 5 6 7 V\nx",
+            b"TP2 1 2 3 4 5 6 7 V",
         ] {
             assert!(Stamp::open(&Bytes::from_static(bad)).is_none(), "{bad:?}");
         }

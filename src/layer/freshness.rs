@@ -120,7 +120,10 @@ pub(crate) fn judge(
     let keep = if storable && rules.storable_statuses.contains(&status) {
         keep_for(&policy_request, status, &normalised, rules, now)
     } else {
-        Keep::for_ttl(Duration::ZERO)
+        Keep {
+            failed: status.is_server_error(),
+            ..Keep::for_ttl(Duration::ZERO)
+        }
     };
     stored.policy = Some(PolicyRecord {
         received_at,
@@ -165,6 +168,8 @@ fn keep_for(
     let has_validator =
         normalised.contains_key(header::ETAG) || normalised.contains_key(header::LAST_MODIFIED);
     Keep {
+        may_serve_stale: !forbids_stale(normalised),
+        failed: status.is_server_error(),
         fresh_for,
         keep_for: fresh_for
             + if has_validator {
@@ -174,6 +179,26 @@ fn keep_for(
             },
         revalidated: false,
     }
+}
+
+/// Whether a stale response may not be served without revalidating it (RFC 9111 §4.2.4):
+/// `must-revalidate`, and for a shared cache `proxy-revalidate` and `s-maxage` (§5.2.2.2,
+/// §5.2.2.8, §5.2.2.10); and `no-cache` (§5.2.2.4). The library applies only the first when it
+/// serves stale, so the layer checks for the directives' presence here, in the fields
+/// [`normalise`] made (lowercase names, the targeted field in force).
+fn forbids_stale(normalised: &HeaderMap) -> bool {
+    normalised
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|directive| directive.split('=').next().unwrap_or("").trim())
+        .any(|name| {
+            matches!(
+                name,
+                "must-revalidate" | "proxy-revalidate" | "s-maxage" | "no-cache"
+            )
+        })
 }
 
 /// Whether the response is for its own caller only: a shared cache may not store it even with a

@@ -56,6 +56,8 @@ use sharing::{DefaultSharing, SharePredicate, SharedPredicate};
 /// | [`hit_for_pass`](ParkingLayer::hit_for_pass) | 30 seconds |
 /// | [`status_header`](ParkingLayer::status_header) | on, `x-parking: <outcome>` |
 /// | [`cache_status`](ParkingLayer::cache_status) | off (RFC 9211 `Cache-Status`) |
+/// | [`stale_while_revalidate`](ParkingLayer::stale_while_revalidate), [`stale_if_error`](ParkingLayer::stale_if_error) | off |
+/// | [`early_refresh`](ParkingLayer::early_refresh) | off |
 /// | [`wait_timeout`](ParkingLayer::wait_timeout) | none: wait as long as the leader is alive |
 /// | [`on_wait_timeout`](ParkingLayer::on_wait_timeout) | run the handler locally, store nothing |
 /// | [`wait_timeout_status`](ParkingLayer::wait_timeout_status), [`unavailable_status`](ParkingLayer::unavailable_status) | 504, 503 |
@@ -275,6 +277,38 @@ impl ParkingLayer {
     /// `tower-parking; hit` or `tower-parking; fwd=uri-miss; collapsed`. It never holds the key.
     pub fn cache_status(self, enabled: bool) -> Self {
         self.with_http(|http| http.cache_status = enabled)
+    }
+
+    /// How long past its freshness a response is still served at once (`x-parking: stale`,
+    /// with its `Age`) while one refresh runs in the background, across every process on the
+    /// backend (RFC 5861 stale-while-revalidate; default zero: off). A refresh that fails (an
+    /// error, a `5xx`, a response that may not be kept) leaves the old response serving until
+    /// the window ends, and is tried again at most every
+    /// [`refresh_retry`](ParkingLayer::refresh_retry). Never for responses that must be
+    /// revalidated once stale (`must-revalidate`, `proxy-revalidate`, `s-maxage`, `no-cache`).
+    pub fn stale_while_revalidate(self, window: Duration) -> Self {
+        self.with_parker(|parker| parker.stale_while_revalidate(window))
+    }
+
+    /// How long past its freshness a response stands in for a run that fails (an error, a
+    /// panic, a `5xx`): its caller and every request waiting for it get the old response
+    /// (`x-parking: stale`; RFC 5861 stale-if-error; default zero: off). Never for responses
+    /// that must be revalidated once stale.
+    pub fn stale_if_error(self, window: Duration) -> Self {
+        self.with_parker(|parker| parker.stale_if_error(window))
+    }
+
+    /// How long a failed background refresh keeps every process from trying again (default 1
+    /// second).
+    pub fn refresh_retry(self, interval: Duration) -> Self {
+        self.with_parker(|parker| parker.refresh_retry(interval))
+    }
+
+    /// Refreshes hot responses before they expire (XFetch; default off): a hit starts one
+    /// background refresh, across the fleet, with a probability that grows as expiry nears, in
+    /// proportion to how long the last run took; `beta` 1.0 is the usual choice.
+    pub fn early_refresh(self, beta: f64) -> Self {
+        self.with_parker(|parker| parker.early_refresh(beta))
     }
 
     /// How long a request waits for a running leader before the

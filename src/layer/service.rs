@@ -245,7 +245,12 @@ where
         let (deliver, mut delivered) = oneshot::channel();
         let work = leader_work(Arc::clone(&slot), Arc::clone(&http), inner.clone(), deliver);
         let (outcome, result) = parker.execute_with(key.clone(), lookup, work).await;
-        if let Ok(own) = delivered.try_recv() {
+        // A stale value stands in for a failed run: its own response is not delivered.
+        let own = delivered
+            .try_recv()
+            .ok()
+            .filter(|_| outcome != Outcome::Stale);
+        if let Some(own) = own {
             parker.record(outcome);
             let mut response = own?;
             if conditions.not_modified(response.status(), response.headers()) {

@@ -34,6 +34,7 @@ fn cache_status(outcome: Outcome) -> &'static str {
         Outcome::Pass => "tower-parking; fwd=bypass; detail=pass",
         Outcome::Revalidated => "tower-parking; fwd=stale; fwd-status=304",
         Outcome::Timeout => "tower-parking; fwd=miss; detail=wait-timeout",
+        Outcome::Stale => "tower-parking; hit; detail=stale",
     }
 }
 

@@ -26,6 +26,8 @@ pub fn entry(fence: u64, fresh_for: Duration, value: &[u8]) -> Bytes {
         fence,
         fresh_until: until,
         keep_until: until,
+        stale_until: 0,
+        error_until: 0,
         stored_at: now,
         took_ms: 0,
         kind: EntryKind::Value,

@@ -409,8 +409,8 @@ enum Reply {
         token: String,
         stale: Option<Bytes>,
     },
-    /// The lock's `PTTL` and its holder's fence (`0`: unknown).
-    Held(i64, String),
+    /// The lock's `PTTL`, its holder's fence (`0`: unknown), and the stale entry, if any.
+    Held(i64, String, Option<Bytes>),
 }
 
 impl Reply {
@@ -428,8 +428,9 @@ impl Reply {
             Some("held") => {
                 let pttl = items.next().and_then(|pttl| pttl.as_i64());
                 let fence = items.next().and_then(Value::into_string);
+                let stale = items.next().and_then(Value::into_bytes);
                 pttl.zip(fence)
-                    .map(|(pttl, fence)| Reply::Held(pttl, fence))
+                    .map(|(pttl, fence)| Reply::Held(pttl, fence, stale))
             }
             Some("acquired") => {
                 let fence = items.next().and_then(|fence| fence.as_u64());
@@ -517,9 +518,10 @@ impl Backend for RedisBackend {
                     token,
                     stale,
                 } => Acquire::Acquired(Lease::new(key.clone(), fence, token, lease), stale),
-                Reply::Held(pttl, fence) => Acquire::Held {
+                Reply::Held(pttl, fence, stale) => Acquire::Held {
                     expires_in: self.remaining(pttl),
                     leader: fence.parse().ok().filter(|fence| *fence > 0),
+                    stored: stale,
                 },
             })
         })

@@ -54,7 +54,7 @@ end
 
 /// KEYS: resp, lock, fence, gen. ARGV: lookup ('1' or '0'), lease ms, nonce, fence ttl ms, now
 /// (µs). Returns `{'fresh', entry, entry pttl}`, `{'acquired', fence, token[, stale entry]}` or
-/// `{'held', lock pttl, holder's fence}`.
+/// `{'held', lock pttl, holder's fence[, stale entry]}`.
 const ACQUIRE: &str = concat!(
     next_fence_lua!(),
     stored_lua!(),
@@ -68,7 +68,9 @@ if value and ARGV[1] == '1' then
 end
 local pttl = redis.call('PTTL', KEYS[2])
 if pttl ~= -2 then
-  return {'held', pttl, string.match(redis.call('GET', KEYS[2]) or '', '^(%d+):') or '0'}
+  local holder = string.match(redis.call('GET', KEYS[2]) or '', '^(%d+):') or '0'
+  if value then return {'held', pttl, holder, value} end
+  return {'held', pttl, holder}
 end
 local fence = next_fence(KEYS[3], ARGV[4])
 local token = fence .. ':' .. ARGV[3] .. ':' .. gen
