@@ -979,7 +979,7 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
             "SET",
             &key,
             // Generation 0, an entry fresh for ever, whose value is not a stored response.
-            "0 TP2 1 9999999999999999 9999999999999999 0 0 V\nnot a stored response",
+            "0 TP2 1 9999999999999999 9999999999999999 0 0 0 0 V\nnot a stored response",
             "PX",
             "30000"
         ]),
