@@ -176,6 +176,7 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
 
 /// Whether [`Backend::acquire`] should look for a stored value first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Lookup {
     /// Return the stored entry if it is fresh.
     Check,
@@ -185,6 +186,7 @@ pub enum Lookup {
 
 /// The answer of [`Backend::acquire`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Acquire {
     /// A fresh entry is stored: serve it.
     Fresh(Bytes),
@@ -206,6 +208,7 @@ pub enum Acquire {
 
 /// The answer of [`Backend::wait`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Wake {
     /// The leader stored this entry (or a fresh one is stored).
     Stored(Bytes),
@@ -295,6 +298,7 @@ impl LeaseSettings {
 
 /// What a [`Parker`](crate::Parker) does when its backend fails (down, slow, refusing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum FailurePolicy {
     /// Serve the request anyway, with in-process coalescing alone, and log a (rate-limited)
     /// warning. The work may then run once per process instead of once in all.
