@@ -24,11 +24,20 @@ pub fn server_example() -> PathBuf {
                     .exists(),
                 "examples/server.rs does not exist yet"
             );
-            let status = Command::new(env!("CARGO"))
+            let mut build = Command::new(env!("CARGO"));
+            build
                 .args(["build", "--example", "server", "--features", "redis"])
-                .current_dir(manifest_dir)
-                .status()
-                .expect("cannot run cargo");
+                .current_dir(manifest_dir);
+            // `cargo test` runs this binary with the variables it sets for the crate under test.
+            // Build scripts track some of them (ring's `CARGO_MANIFEST_DIR`): passed on, they make
+            // this build rebuild ring, rustls, fred and this crate (half a minute), and the next
+            // `cargo test` rebuild them back.
+            for (name, _) in std::env::vars_os() {
+                if name.to_str().is_some_and(set_by_cargo_for_the_crate) {
+                    build.env_remove(name);
+                }
+            }
+            let status = build.status().expect("cannot run cargo");
             assert!(status.success(), "cargo build --example server failed");
             // This test binary is target/<profile>/deps/redis-HASH; examples sit next to deps.
             let exe = std::env::current_exe().expect("no current exe");
@@ -41,6 +50,23 @@ pub fn server_example() -> PathBuf {
             server
         })
         .clone()
+}
+
+/// Whether `name` is one of the variables cargo sets for a crate's own build and tests (not a
+/// setting of cargo's, such as `CARGO_HOME` or `CARGO_TARGET_DIR`).
+fn set_by_cargo_for_the_crate(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ]
+        .contains(&name)
 }
 
 /// A running process of the server example. Drop kills it.
