@@ -115,6 +115,28 @@ where
     }
 }
 
+/// The services the layer wraps, as its request path needs them (spawned, cloned, sent).
+trait Inner<ReqBody, ResBody>:
+    Service<Request<ReqBody>, Response = Response<ResBody>, Future: Send, Error: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, ReqBody, ResBody> Inner<ReqBody, ResBody> for S where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>, Future: Send, Error: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The bodies of the responses the layer shares.
+trait SharedBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> SharedBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// Waits for `service` to be ready, then calls it.
 async fn ready_call<S, R>(mut service: S, request: R) -> Result<S::Response, S::Error>
 where
@@ -131,13 +153,9 @@ async fn handle<S, ReqBody, ResBody>(
     request: Request<ReqBody>,
 ) -> Result<Response<ParkingBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqBody, ResBody>,
     ReqBody: Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Data: Send,
-    ResBody::Error: Into<BoxError>,
+    ResBody: SharedBody,
 {
     let parked = http.methods.contains(request.method());
     if !parked && sharing::is_unsafe(request.method()) {
@@ -229,13 +247,9 @@ async fn park<S, ReqBody, ResBody>(
     conditions: Conditions,
 ) -> Result<Response<ParkingBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqBody, ResBody>,
     ReqBody: Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Data: Send,
-    ResBody::Error: Into<BoxError>,
+    ResBody: SharedBody,
 {
     let slot: Slot<ReqBody> = Arc::new(Mutex::new(Some(request)));
     let mut lookup = Lookup::Check;
@@ -338,13 +352,9 @@ fn leader_work<S, ReqBody, ResBody>(
        + Send
        + 'static
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqBody, ResBody>,
     ReqBody: Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Data: Send,
-    ResBody::Error: Into<BoxError>,
+    ResBody: SharedBody,
 {
     move |previous| Box::pin(lead(slot, http, inner, deliver, previous))
 }
