@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use support::{
     eventually,
     fleet::{
-        assert_all_served, outcomes, parking, slow_app, start_instances, urls, wait_all_in, SOON,
+        assert_all_served, gated_app, outcomes, parking, slow_app, start_instances, urls,
+        wait_all_in, SOON,
     },
     redis_key, FaultProxy, Gate, HttpClient, Instance, RedisServer, Tally,
 };
@@ -64,13 +65,7 @@ async fn with_notifications_turned_off_parked_requests_wait_for_the_work_not_the
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, _| {
-            let gate = gate.clone();
-            async move { gate.wait().await }
-        }
-    });
+    let app = gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(5);
     let instances = start_instances(
@@ -200,13 +195,7 @@ async fn a_response_shared_but_not_kept_reaches_the_requests_parked_in_every_pro
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, _| {
-            let gate = gate.clone();
-            async move { gate.wait().await }
-        }
-    });
+    let app = gated_app(&runs, &gate);
     let parked = Tally::new();
     // TTL zero: "share concurrent runs only".
     let instances = start_instances(4, &redis, |b| b, || parking(&parked, Duration::ZERO), &app);
@@ -266,13 +255,7 @@ async fn a_dropped_command_connection_is_a_blip_not_a_run_in_every_process() {
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, _| {
-            let gate = gate.clone();
-            async move { gate.wait().await }
-        }
-    });
+    let app = gated_app(&runs, &gate);
     let parked = Tally::new();
     let instances = start_instances(3, &redis, |b| b, || parking(&parked, MINUTE), &app);
     let all: Vec<_> = instances.iter().collect();
@@ -439,13 +422,7 @@ async fn a_killed_subscriber_connection_loses_no_wake_up() {
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, _| {
-            let gate = gate.clone();
-            async move { gate.wait().await }
-        }
-    });
+    let app = gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(10);
     let instances = start_instances(

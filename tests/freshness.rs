@@ -25,13 +25,16 @@ use std::{
 
 use axum::{
     body::Body,
-    http::{request::Parts, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode},
-    routing::get,
+    http::{request::Parts, HeaderMap, HeaderName, Request, Response, StatusCode},
     Router,
 };
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use support::{burst, counting_waits, spawn_joined, within, Tally, Work};
+use support::{
+    burst, counting_waits,
+    origin::{fields, reply, stating, Fields, Origin},
+    spawn_joined, within, Tally,
+};
 use tokio::time::advance;
 use tower::ServiceExt;
 use tower_parking::{
@@ -45,89 +48,12 @@ fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
-/// Header lines, as the origin sends them or a client adds them.
-type Fields = Vec<(String, String)>;
-
-fn fields(pairs: &[(&str, &str)]) -> Fields {
-    pairs
-        .iter()
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .collect()
-}
-
-/// A response with these fields, `x-run: run` and `body`.
-fn reply(status: StatusCode, headers: &Fields, run: usize, body: String) -> Response<Body> {
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = status;
-    for (name, value) in headers {
-        response.headers_mut().append(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    response
-        .headers_mut()
-        .insert("x-run", HeaderValue::from(run));
-    response
-}
-
-/// An origin that answers `200` with `headers` and the body `run N`, whatever it is asked.
-fn stating(headers: Fields) -> impl Fn(usize, &HeaderMap) -> Response<Body> + Clone {
-    move |run, _request| reply(StatusCode::OK, &headers, run, format!("run {run}"))
-}
-
-/// The origin handler: counts its runs, keeps the request headers of each, waits at its gate,
-/// then answers as `respond(run, request headers)` says.
-#[derive(Clone, Default)]
-struct Origin {
-    work: Work,
-    seen: Arc<Mutex<Vec<HeaderMap>>>,
-}
-
-impl Origin {
-    /// An origin whose runs wait at a closed gate.
-    fn held() -> Self {
-        Self::default()
-    }
-
-    /// An origin whose runs go straight through.
-    fn free() -> Self {
-        let origin = Self::default();
-        origin.work.gate.open();
-        origin
-    }
-
-    fn runs(&self) -> usize {
-        self.work.runs()
-    }
-
-    /// The request headers run `run` (1 for the first) received.
-    fn request_of(&self, run: usize) -> HeaderMap {
-        self.seen.lock().unwrap()[run - 1].clone()
-    }
-
-    /// `GET /r` on this origin, with `layer` over the router.
-    fn app<F>(&self, layer: &ParkingLayer, respond: F) -> Router
-    where
-        F: Fn(usize, &HeaderMap) -> Response<Body> + Clone + Send + Sync + 'static,
-    {
-        let origin = self.clone();
-        let handler = move |headers: HeaderMap| {
-            let (origin, respond) = (origin.clone(), respond.clone());
-            async move {
-                let run = {
-                    // Counted and recorded under one lock: once the count shows a run, its
-                    // request headers are there.
-                    let mut seen = origin.seen.lock().unwrap();
-                    seen.push(headers.clone());
-                    origin.work.count_run()
-                };
-                origin.work.gate.wait().await;
-                respond(run, &headers)
-            }
-        };
-        Router::new().route(PATH, get(handler)).layer(layer.clone())
-    }
+/// `GET /r` on `origin`, with `layer` over the router.
+fn origin_app<F>(origin: &Origin, layer: &ParkingLayer, respond: F) -> Router
+where
+    F: Fn(usize, &HeaderMap) -> Response<Body> + Clone + Send + Sync + 'static,
+{
+    origin.router(PATH, respond).layer(layer.clone())
 }
 
 /// What one caller received.
@@ -248,7 +174,11 @@ fn http_date(offset: i64) -> String {
 async fn a_max_age_shorter_than_the_ttl_ends_the_window_there() {
     let layer = ParkingLayer::new().ttl(Duration::from_secs(10));
     let origin = Origin::free();
-    let app = origin.app(&layer, stating(fields(&[("cache-control", "max-age=2")])));
+    let app = origin_app(
+        &origin,
+        &layer,
+        stating(fields(&[("cache-control", "max-age=2")])),
+    );
 
     let first = send(&app, plain_get()).await;
     assert_eq!(first.view(), (200, "miss", "run 1"));
@@ -300,7 +230,7 @@ async fn a_lifetime_longer_than_the_ttl_is_capped_unless_the_response_may_exceed
     let unstated = || stating(fields(&[("content-type", "text/plain")]));
 
     let capped = Origin::free();
-    let app = capped.app(&ParkingLayer::new().ttl(ttl), long());
+    let app = origin_app(&capped, &ParkingLayer::new().ttl(ttl), long());
     assert_eq!(
         timeline(&app, &[0, 1_500, 2_500]).await,
         expect(&[("miss", "run 1"), ("hit", "run 1"), ("miss", "run 2")]),
@@ -309,7 +239,7 @@ async fn a_lifetime_longer_than_the_ttl_is_capped_unless_the_response_may_exceed
 
     let exceeding = Origin::free();
     let layer = ParkingLayer::new().ttl(ttl).ttl_from_response(true);
-    let app = exceeding.app(&layer, long());
+    let app = origin_app(&exceeding, &layer, long());
     assert_eq!(
         timeline(&app, &[0, 2_500, 59_500, 60_500]).await,
         expect(&[
@@ -327,7 +257,7 @@ async fn a_lifetime_longer_than_the_ttl_is_capped_unless_the_response_may_exceed
         ParkingLayer::new().ttl(ttl).ttl_from_response(true),
     ] {
         let origin = Origin::free();
-        let app = origin.app(&layer, unstated());
+        let app = origin_app(&origin, &layer, unstated());
         assert_eq!(
             timeline(&app, &[0, 1_500, 2_500]).await,
             expect(&[("miss", "run 1"), ("hit", "run 1"), ("miss", "run 2")]),
@@ -349,7 +279,7 @@ async fn a_valid_expires_is_a_lifetime_from_the_date() {
             httpdate::fmt_http_date(now + Duration::from_secs(3)),
         ),
     ];
-    let app = origin.app(&layer, stating(headers));
+    let app = origin_app(&origin, &layer, stating(headers));
     assert_eq!(
         timeline(&app, &[0, 2_500, 3_500]).await,
         expect(&[("miss", "run 1"), ("hit", "run 1"), ("miss", "run 2")])
@@ -399,7 +329,7 @@ async fn an_expires_in_an_obsolete_date_format_is_a_lifetime_too() {
             ("date".to_owned(), date.clone()),
             ("expires".to_owned(), expires.clone()),
         ];
-        let app = origin.app(&layer, stating(headers));
+        let app = origin_app(&origin, &layer, stating(headers));
         assert_eq!(
             timeline(&app, &[0, 2_500, 3_500]).await,
             expect(&[("miss", "run 1"), ("hit", "run 1"), ("miss", "run 2")]),
@@ -415,7 +345,7 @@ async fn burst_then_next(cases: Vec<(&str, Fields, &str)>) {
     for (case, headers, next) in cases {
         let layer = ParkingLayer::new().ttl(Duration::from_secs(10));
         let origin = Origin::held();
-        let app = origin.app(&layer, stating(headers.clone()));
+        let app = origin_app(&origin, &layer, stating(headers.clone()));
         let own_age = headers
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case("age"))
@@ -507,7 +437,11 @@ async fn must_revalidate_proxy_revalidate_and_s_maxage_are_never_served_stale() 
     ] {
         let layer = ParkingLayer::new().ttl(Duration::from_secs(10));
         let origin = Origin::free();
-        let app = origin.app(&layer, stating(fields(&[("cache-control", directives)])));
+        let app = origin_app(
+            &origin,
+            &layer,
+            stating(fields(&[("cache-control", directives)])),
+        );
         let got = timeline(&app, &[0, 1_500, 1_600]).await;
         assert_eq!(
             got[1],
@@ -541,7 +475,7 @@ async fn must_revalidate_with_a_validator_is_revalidated_once_stale_not_served()
             reply(StatusCode::OK, &headers, run, "the body".into())
         }
     };
-    let app = origin.app(&layer, respond);
+    let app = origin_app(&origin, &layer, respond);
     assert_eq!(
         send(&app, plain_get()).await.view(),
         (200, "miss", "the body")
@@ -577,8 +511,8 @@ async fn every_reused_response_carries_its_own_age_plus_the_time_held() {
         if let Some(age) = own_age {
             headers.push(("age".into(), age.to_string()));
         }
-        let first_app = origin.app(&first, stating(headers.clone()));
-        let second_app = origin.app(&second, stating(headers));
+        let first_app = origin_app(&origin, &first, stating(headers.clone()));
+        let second_app = origin_app(&origin, &second, stating(headers));
 
         let leader = tokio::spawn({
             let app = first_app.clone();
@@ -652,7 +586,8 @@ async fn hop_by_hop_fields_and_those_connection_names_are_neither_stored_nor_rep
         "upgrade",
         "te",
     ];
-    let app = origin.app(
+    let app = origin_app(
+        &origin,
         &layer,
         stating(fields(&[
             ("cache-control", "max-age=60"),
@@ -765,7 +700,7 @@ async fn a_stale_response_with_an_etag_is_revalidated_by_one_conditional_run() {
         .cache_status(true);
     let origin = Origin::held();
     let resource = Versioned::new();
-    let app = origin.app(&layer, resource.respond());
+    let app = origin_app(&origin, &layer, resource.respond());
 
     origin.work.gate.open();
     let first = send(&app, plain_get()).await;
@@ -862,7 +797,7 @@ async fn a_304_adds_the_fields_the_stored_response_did_not_have() {
     let layer = ParkingLayer::new().ttl(Duration::from_secs(10));
     let origin = Origin::free();
     let resource = Versioned::new();
-    let app = origin.app(&layer, resource.respond());
+    let app = origin_app(&origin, &layer, resource.respond());
     send(&app, plain_get()).await;
     advance(ms(1_500)).await;
     let revalidated = send(&app, plain_get()).await;
@@ -902,7 +837,7 @@ async fn a_stale_response_with_only_last_modified_is_revalidated_with_if_modifie
             reply(StatusCode::OK, &headers, run, "the page".into())
         }
     };
-    let app = origin.app(&layer, respond);
+    let app = origin_app(&origin, &layer, respond);
     origin.work.gate.open();
     assert_eq!(
         send(&app, plain_get()).await.view(),
@@ -966,7 +901,7 @@ async fn a_304_without_validators_answers_the_layer_s_own_condition() {
             reply(StatusCode::OK, &headers, run, "the page".into())
         }
     };
-    let app = origin.app(&layer, respond);
+    let app = origin_app(&origin, &layer, respond);
     assert_eq!(
         send(&app, plain_get()).await.view(),
         (200, "miss", "the page")
@@ -1002,7 +937,11 @@ const REQUEST_DIRECTIVES: [(&str, &str); 3] = [
 async fn a_request_s_own_cache_directives_are_ignored_by_default() {
     let layer = ParkingLayer::new().ttl(MINUTE);
     let origin = Origin::free();
-    let app = origin.app(&layer, stating(fields(&[("cache-control", "max-age=60")])));
+    let app = origin_app(
+        &origin,
+        &layer,
+        stating(fields(&[("cache-control", "max-age=60")])),
+    );
     assert_eq!(send(&app, plain_get()).await.view(), (200, "miss", "run 1"));
     advance(ms(1_500)).await;
     for directive in REQUEST_DIRECTIVES {
@@ -1020,7 +959,11 @@ async fn honoured_request_directives_run_the_origin_but_still_join_a_run_in_flig
         .ttl(MINUTE)
         .honor_request_cache_control(true);
     let origin = Origin::held();
-    let app = origin.app(&layer, stating(fields(&[("cache-control", "max-age=60")])));
+    let app = origin_app(
+        &origin,
+        &layer,
+        stating(fields(&[("cache-control", "max-age=60")])),
+    );
     origin.work.gate.open();
     assert_eq!(send(&app, plain_get()).await.view(), (200, "miss", "run 1"));
 
@@ -1079,7 +1022,11 @@ async fn honoured_request_directives_count_one_outcome_per_request() {
         .ttl(MINUTE)
         .honor_request_cache_control(true);
     let origin = Origin::free();
-    let app = origin.app(&layer, stating(fields(&[("cache-control", "max-age=60")])));
+    let app = origin_app(
+        &origin,
+        &layer,
+        stating(fields(&[("cache-control", "max-age=60")])),
+    );
     send(&app, plain_get()).await;
     advance(ms(1_500)).await;
     let refused = send(&app, get_with(&[("cache-control", "no-cache")])).await;
@@ -1098,7 +1045,7 @@ async fn honoured_request_directives_count_one_outcome_per_request() {
 /// Two requests one after the other: `(outcome of the second, origin runs)`.
 async fn second_request(layer: ParkingLayer, headers: &[(&str, &str)]) -> (String, usize) {
     let origin = Origin::free();
-    let app = origin.app(&layer, stating(fields(headers)));
+    let app = origin_app(&origin, &layer, stating(fields(headers)));
     assert_eq!(send(&app, plain_get()).await.view(), (200, "miss", "run 1"));
     let second = send(&app, plain_get()).await;
     let outcome = second.parking().unwrap_or("").to_owned();
@@ -1156,7 +1103,8 @@ async fn cdn_cache_control_is_obeyed_instead_of_cache_control_and_the_list_is_co
 #[tokio::test(start_paused = true)]
 async fn a_shorter_cdn_max_age_ends_the_window_before_cache_control_s() {
     let origin = Origin::free();
-    let app = origin.app(
+    let app = origin_app(
+        &origin,
         &ParkingLayer::new().ttl(MINUTE),
         stating(fields(&[
             ("cache-control", "max-age=60"),
@@ -1176,7 +1124,8 @@ async fn a_shorter_cdn_max_age_ends_the_window_before_cache_control_s() {
 #[tokio::test(start_paused = true)]
 async fn directive_names_are_case_insensitive() {
     let origin = Origin::free();
-    let app = origin.app(
+    let app = origin_app(
+        &origin,
         &ParkingLayer::new().ttl(Duration::from_secs(10)),
         stating(fields(&[("cache-control", "Max-Age=1")])),
     );
@@ -1242,7 +1191,11 @@ async fn a_value_stored_in_the_older_format_is_a_miss_and_is_overwritten() {
         .key(by_path)
         .backend(backend.clone());
     let origin = Origin::free();
-    let app = origin.app(&layer, stating(fields(&[("cache-control", "max-age=60")])));
+    let app = origin_app(
+        &origin,
+        &layer,
+        stating(fields(&[("cache-control", "max-age=60")])),
+    );
     assert_eq!(send(&app, plain_get()).await.view(), (200, "miss", "run 1"));
     assert_eq!(send(&app, plain_get()).await.view(), (200, "hit", "run 1"));
     let entry = backend.peek(&Key::new(PATH)).unwrap();
@@ -1273,22 +1226,7 @@ async fn the_proxy_example_runs_the_origin_once_per_burst_and_revalidates_with_3
             reply(StatusCode::OK, &headers, run, "from the origin".into())
         }
     };
-    let origin_app = {
-        let origin = origin.clone();
-        let handler = move |headers: HeaderMap| {
-            let (origin, respond) = (origin.clone(), respond);
-            async move {
-                let run = {
-                    let mut seen = origin.seen.lock().unwrap();
-                    seen.push(headers.clone());
-                    origin.work.count_run()
-                };
-                origin.work.gate.wait().await;
-                respond(run, &headers)
-            }
-        };
-        Router::new().route("/items/{id}", get(handler))
-    };
+    let origin_app = origin.router("/items/{id}", respond);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, origin_app).await });
@@ -1367,7 +1305,7 @@ async fn a_request_for_another_variant_counts_one_outcome() {
             format!("{language} run {run}"),
         )
     };
-    let app = origin.app(&layer, respond);
+    let app = origin_app(&origin, &layer, respond);
     let en = send(&app, get_with(&[("accept-language", "en")])).await;
     assert_eq!(en.view(), (200, "miss", "en run 1"));
     let fr = send(&app, get_with(&[("accept-language", "fr")])).await;

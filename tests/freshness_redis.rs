@@ -16,8 +16,7 @@ use std::{
 
 use axum::{
     body::Body,
-    http::{request::Parts, HeaderMap, HeaderName, HeaderValue, Response, StatusCode},
-    routing::get,
+    http::{request::Parts, HeaderMap, Response, StatusCode},
     Router,
 };
 use bytes::Bytes;
@@ -26,7 +25,11 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
-use support::{counting_waits, eventually, redis_key, Instance, RedisServer, Resp, Tally, Work};
+use support::{
+    counting_waits, eventually,
+    origin::{fields, reply, stating, Fields, Origin},
+    redis_key, Instance, RedisServer, Resp, Tally,
+};
 use tower_parking::{Key, ParkingLayer, RedisBackend, Stats};
 
 /// Time allowed for things that take milliseconds, so a loaded machine does not fail a test.
@@ -36,85 +39,12 @@ fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
-/// Header lines, as the origin sends them or a client adds them.
-type Fields = Vec<(String, String)>;
-
-fn fields(pairs: &[(&str, &str)]) -> Fields {
-    pairs
-        .iter()
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .collect()
-}
-
-/// A response with these fields, `x-run: run` and `body`.
-fn reply(status: StatusCode, headers: &Fields, run: usize, body: String) -> Response<Body> {
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = status;
-    for (name, value) in headers {
-        response.headers_mut().append(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    response
-        .headers_mut()
-        .insert("x-run", HeaderValue::from(run));
-    response
-}
-
-/// An origin that answers `200` with `headers` and the body `run N`, whatever it is asked.
-fn stating(headers: Fields) -> impl Fn(usize, &HeaderMap) -> Response<Body> + Clone {
-    move |run, _request| reply(StatusCode::OK, &headers, run, format!("run {run}"))
-}
-
-/// The origin handler, shared by every instance: counts its runs, keeps the request headers of
-/// each, waits at its gate, then answers as `respond(run, request headers)` says.
-#[derive(Clone, Default)]
-struct Origin {
-    work: Work,
-    seen: Arc<Mutex<Vec<HeaderMap>>>,
-}
-
-impl Origin {
-    fn held() -> Self {
-        Self::default()
-    }
-
-    fn free() -> Self {
-        let origin = Self::default();
-        origin.work.gate.open();
-        origin
-    }
-
-    fn runs(&self) -> usize {
-        self.work.runs()
-    }
-
-    /// The request headers run `run` (1 for the first) received.
-    fn request_of(&self, run: usize) -> HeaderMap {
-        self.seen.lock().unwrap()[run - 1].clone()
-    }
-
-    /// `GET /{key}` on this origin (the instance puts its layer over it).
-    fn app<F>(&self, respond: F) -> Router
-    where
-        F: Fn(usize, &HeaderMap) -> Response<Body> + Clone + Send + Sync + 'static,
-    {
-        let origin = self.clone();
-        let handler = move |headers: HeaderMap| {
-            let (origin, respond) = (origin.clone(), respond.clone());
-            async move {
-                let run = {
-                    let mut seen = origin.seen.lock().unwrap();
-                    seen.push(headers.clone());
-                    origin.work.count_run()
-                };
-                origin.work.gate.wait().await;
-                respond(run, &headers)
-            }
-        };
-        Router::new().route("/{key}", get(handler))
-    }
+/// `GET /{key}` on `origin` (the instance puts its layer over it).
+fn origin_app<F>(origin: &Origin, respond: F) -> Router
+where
+    F: Fn(usize, &HeaderMap) -> Response<Body> + Clone + Send + Sync + 'static,
+{
+    origin.router("/{key}", respond)
 }
 
 /// Requests keyed by path alone, so a test can name the Redis key of a response.
@@ -253,7 +183,7 @@ async fn a_stated_lifetime_and_the_age_hold_in_every_instance() {
     let redis = RedisServer::start();
     let parked = Tally::new();
     let origin = Origin::free();
-    let app = origin.app(|run, request: &HeaderMap| {
+    let app = origin_app(&origin, |run, request: &HeaderMap| {
         // /own-age answers with an Age of its own, as a response from another cache would.
         let mut headers = fields(&[("cache-control", "max-age=2")]);
         if request.get("x-path").is_some_and(|path| path == "own-age") {
@@ -318,7 +248,7 @@ async fn a_lifetime_of_zero_reaches_callers_parked_in_another_instance_and_is_ne
         let parked = Tally::new();
         let origin = Origin::held();
         let own_age = if case == "Age past max-age" { 7200 } else { 0 };
-        let app = origin.app(stating(headers));
+        let app = origin_app(&origin, stating(headers));
         let instances = two_instances(&redis, &parked, &app);
         let [a, b] = &instances;
         let client = HttpClient::new();
@@ -380,7 +310,7 @@ async fn a_lifetime_of_zero_reaches_callers_parked_in_another_instance_and_is_ne
 async fn a_zero_lifetime_run_ending_between_a_follower_s_acquire_and_its_wait_still_reaches_it() {
     let redis = RedisServer::start();
     let origin = Origin::held();
-    let app = origin.app(stating(fields(&[("cache-control", "max-age=0")])));
+    let app = origin_app(&origin, stating(fields(&[("cache-control", "max-age=0")])));
     // B's callers, once they found the lock held, wait for `leader_done` before they wait.
     let (parked, leader_done) = (Tally::new(), support::Gate::new());
     let hook = {
@@ -469,7 +399,7 @@ async fn a_revalidation_is_one_run_across_instances_and_refreshes_every_caller_s
     let parked = Tally::new();
     let origin = Origin::held();
     let head = Arc::new(Mutex::new(1));
-    let app = origin.app(versioned(&head));
+    let app = origin_app(&origin, versioned(&head));
     let instances = two_instances(&redis, &parked, &app);
     let [a, b] = &instances;
     let client = HttpClient::new();
@@ -565,10 +495,13 @@ async fn a_value_in_the_older_format_is_a_miss_and_is_overwritten_never_misread(
     }
     let parked = Tally::new();
     let origin = Origin::free();
-    let app = origin.app(stating(fields(&[
-        ("cache-control", "max-age=60"),
-        ("etag", "\"new\""),
-    ])));
+    let app = origin_app(
+        &origin,
+        stating(fields(&[
+            ("cache-control", "max-age=60"),
+            ("etag", "\"new\""),
+        ])),
+    );
     let instances = two_instances(&redis, &parked, &app);
     let [a, b] = &instances;
     let client = HttpClient::new();

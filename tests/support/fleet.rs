@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 use axum::{extract::Path, http::request::Parts, routing::get, Router};
 use tower_parking::{Key, ParkingLayer, RedisBackend, RedisBackendBuilder};
 
-use super::{counting_waits, Instance, RedisServer, Reply, Tally};
+use super::{counting_waits, Gate, Instance, RedisServer, Reply, Tally};
 
 /// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
 pub const SOON: Duration = Duration::from_secs(10);
@@ -46,6 +46,15 @@ where
             }
         }),
     )
+}
+
+/// [`slow_app`] whose every run waits at `gate`.
+pub fn gated_app(runs: &Tally, gate: &Gate) -> Router {
+    let gate = gate.clone();
+    slow_app(runs, move |_, _| {
+        let gate = gate.clone();
+        async move { gate.wait().await }
+    })
 }
 
 /// Starts `n` instances on `redis`, each with its own backend (`backend` adjusts the builder),

@@ -27,6 +27,7 @@ mod client;
 pub mod fleet;
 #[cfg(feature = "redis")]
 mod instance;
+pub mod origin;
 mod process;
 mod proxy;
 mod redis_server;
