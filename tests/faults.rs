@@ -512,3 +512,63 @@ async fn a_paused_or_sleeping_redis_costs_at_most_the_command_timeout() {
         faulted.join().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_lease() {
+    let redis = RedisServer::start();
+    let runs = Tally::new();
+    let gate = Gate::new();
+    // Only the first run is held: the leader that loses its lock to the flush.
+    let app = slow_app(&runs, {
+        let gate = gate.clone();
+        move |_, run| {
+            let gate = gate.clone();
+            async move {
+                if run == 1 {
+                    gate.wait().await;
+                }
+            }
+        }
+    });
+    let parked = Tally::new();
+    let lease = Duration::from_secs(10);
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| b.lease(lease),
+        || parking(&parked, MINUTE),
+        &app,
+    );
+    let (a, b) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+
+    let leader = client.spawn_get(a.url("/slow/k"));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let follower = client.spawn_get(b.url("/slow/k"));
+    parked.wait_for(1, SOON, "b parked").await;
+    // Its wait looked at the lock (one script run), and sleeps until something changes.
+    let before = redis.scripts_run();
+    eventually(SOON, "b's first look at the lock", || {
+        let looked = redis.scripts_run() > before;
+        async move { looked.then_some(()) }
+    })
+    .await;
+    // FLUSHALL removes the lock and sends no per-key notification (as an eviction without the
+    // `e` flag would).
+    let flushed = Instant::now();
+    assert_eq!(redis.cmd(&["FLUSHALL"]).text(), "OK");
+    let follower = follower.await.unwrap().unwrap();
+    let waited = flushed.elapsed();
+    assert_eq!(
+        follower.text(),
+        "k run 2",
+        "it took over once the lock was gone"
+    );
+    assert!(
+        waited < BOUND + Duration::from_millis(700),
+        "noticed {waited:?} after the lock vanished, with a {lease:?} lease"
+    );
+    gate.open();
+    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
+    assert_eq!(runs.get(), 2);
+}

@@ -256,7 +256,7 @@ async fn a_lifetime_of_zero_reaches_callers_parked_in_another_instance_and_is_ne
 
         let leader = client.spawn_get(a.url(&path), vec![]);
         origin.work.wait_started(1).await;
-        let scripts = scripts_run(&redis);
+        let scripts = redis.scripts_run();
         let followers = [
             client.spawn_get(a.url(&path), vec![]),
             client.spawn_get(b.url(&path), vec![]),
@@ -268,7 +268,7 @@ async fn a_lifetime_of_zero_reaches_callers_parked_in_another_instance_and_is_ne
         // B's flight acquires (one script), finds the lock held, then looks again as it starts
         // waiting (another): only then has it learnt which leader it waits for.
         eventually(SOON, "B's flight waiting on the leader", || async {
-            (scripts_run(&redis) >= scripts + 2).then_some(())
+            (redis.scripts_run() >= scripts + 2).then_some(())
         })
         .await;
         origin.work.gate.open();
@@ -354,16 +354,6 @@ async fn a_zero_lifetime_run_ending_between_a_follower_s_acquire_and_its_wait_st
         "the response of the run it was parked on"
     );
     assert_eq!(origin.runs(), 1);
-}
-
-/// How many scripts Redis has run (`EVALSHA` calls): each acquire, and each look a parked
-/// request takes at its key, is one.
-fn scripts_run(redis: &RedisServer) -> u64 {
-    let info = redis.cmd(&["INFO", "commandstats"]).text();
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The origin's resource: `ETag: "v1"`, fresh for 1 s, `X-Version` as `head` says; a `304`

@@ -170,6 +170,16 @@ impl RedisServer {
             .unwrap_or_else(|error| panic!("redis command failed: {error}"))
     }
 
+    /// How many scripts the server has run (`EVALSHA` calls): each acquire, and each look a
+    /// parked request takes at its key, is one.
+    pub fn scripts_run(&self) -> u64 {
+        let info = self.cmd(&["INFO", "commandstats"]).text();
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The value of one `CONFIG GET` parameter.
     pub fn config_get(&self, name: &str) -> String {
         match self.cmd(&["CONFIG", "GET", name]) {
