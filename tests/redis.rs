@@ -8,23 +8,24 @@
 
 mod support;
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use axum::{extract::Path, routing::get, Router};
+use axum::Router;
 use bytes::Bytes;
-use http::{request::Parts, StatusCode, Version};
+use http::{StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
 use support::{
-    acquired, counting_waits, eventually, payload, quiet_deliberate_panics, redis_key, sealed,
-    Gate, HttpClient, Instance, RedisServer, Reply, Resp, ServerProcess, Tally, DELIBERATE,
+    acquired, eventually,
+    fleet::{
+        assert_all_served, by_path, outcomes, parking, slow_app, start_instances, urls,
+        wait_all_in, SOON,
+    },
+    payload, quiet_deliberate_panics, redis_key, sealed, Gate, HttpClient, Instance, RedisServer,
+    Reply, Resp, ServerProcess, Tally, DELIBERATE,
 };
 use tower_parking::{
     backend::{Acquire, Lookup, Wake},
@@ -32,48 +33,9 @@ use tower_parking::{
     RedisSetupError, Stats, StoredResponse,
 };
 
-/// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
-const SOON: Duration = Duration::from_secs(10);
-
-/// Requests are keyed by path alone, so a test can name the Redis keys of a request.
-fn by_path(parts: &Parts) -> Option<Key> {
-    Some(Key::new(parts.uri.path()))
-}
-
 /// The Redis key holding the stored response of the request for `path` (default prefix).
 fn resp_key(path: &str) -> String {
     redis_key(&Key::new(path), "resp")
-}
-
-/// The layer of every instance: keyed by path; its followers count, in `parked`, each time they
-/// found the lock held by another instance and are about to wait for it.
-fn parking(parked: &Tally, ttl: Duration) -> ParkingLayer {
-    ParkingLayer::new()
-        .parker_builder(counting_waits(parked))
-        .key(by_path)
-        .ttl(ttl)
-}
-
-/// The service behind the layer: `GET /slow/{key}` counts its run in `runs` (shared by every
-/// instance), awaits `work(key, run)` and answers `"{key} run {run}"`.
-fn app<W, Fut>(runs: &Tally, work: W) -> Router
-where
-    W: Fn(String, usize) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let runs = runs.clone();
-    Router::new().route(
-        "/slow/{key}",
-        get(move |Path(key): Path<String>| {
-            let runs = runs.clone();
-            let work = work.clone();
-            async move {
-                let run = runs.add();
-                work(key.clone(), run).await;
-                format!("{key} run {run}")
-            }
-        }),
-    )
 }
 
 /// Work that waits at `gate`.
@@ -96,26 +58,6 @@ async fn backend(redis: &RedisServer, lease: Duration) -> RedisBackend {
         .expect("the backend builds")
 }
 
-/// Starts `n` instances on `redis`, each with its own backend (`backend` adjusts the builder),
-/// its own `layer()` and a clone of `app`.
-fn start_instances(
-    n: usize,
-    redis: &RedisServer,
-    backend: impl Fn(RedisBackendBuilder) -> RedisBackendBuilder,
-    layer: impl Fn() -> ParkingLayer,
-    app: &Router,
-) -> Vec<Instance> {
-    (0..n)
-        .map(|_| {
-            Instance::start(
-                backend(RedisBackend::builder(redis.url())),
-                layer(),
-                app.clone(),
-            )
-        })
-        .collect()
-}
-
 /// Starts `n` instances on `redis` whose leases last `lease`, each with a TTL of 30 s, followers
 /// counted in `parked`, and a clone of `app`.
 fn leased_instances(
@@ -132,33 +74,6 @@ fn leased_instances(
         || parking(parked, Duration::from_secs(30)),
         app,
     )
-}
-
-/// `count` requests for `path` to each instance, interleaved.
-fn urls(instances: &[&Instance], path: &str, count: usize) -> Vec<String> {
-    (0..count)
-        .flat_map(|_| instances.iter().map(|instance| instance.url(path)))
-        .collect()
-}
-
-/// Waits until `total` requests (since the instance started) are in each instance's parking
-/// layer: each has joined or started its key's flight, so none can arrive after it ended.
-async fn wait_all_in(instances: &[&Instance], total: usize) {
-    for instance in instances {
-        instance
-            .waiting()
-            .wait_for(total, SOON, "requests in the instance")
-            .await;
-    }
-}
-
-/// How many replies carry each `x-parking` outcome.
-fn outcomes(replies: &[Reply]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for reply in replies {
-        *counts.entry(reply.outcome().to_string()).or_default() += 1;
-    }
-    counts
 }
 
 /// `(miss, parked or hit, coalesced)` of the flights of a takeover: one instance's flight leads
@@ -189,14 +104,6 @@ fn count(replies: &[Reply], outcome: &str) -> usize {
         .iter()
         .filter(|reply| reply.outcome() == outcome)
         .count()
-}
-
-/// Asserts every reply is a 200 with exactly `body`.
-fn assert_all_served(replies: &[Reply], body: &str) {
-    for reply in replies {
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-        assert_eq!(reply.text(), body, "{reply:?}");
-    }
 }
 
 /// The counters of every instance added up.
@@ -343,7 +250,7 @@ struct EventStream {
 async fn four_instances_run_the_handler_once_for_200_callers() {
     let redis = RedisServer::start();
     let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
-    let app = app(&runs, gated(&gate));
+    let app = slow_app(&runs, gated(&gate));
     let instances = leased_instances(4, &redis, Duration::from_secs(5), &parked, &app);
     let all: Vec<&Instance> = instances.iter().collect();
 
@@ -402,7 +309,7 @@ async fn the_ttl_window_is_shared_across_instances() {
     let redis = RedisServer::start();
     let (runs, parked) = (Tally::new(), Tally::new());
     let ttl = Duration::from_millis(1500);
-    let app = app(&runs, |_, _| async {});
+    let app = slow_app(&runs, |_, _| async {});
     let instances = start_instances(3, &redis, |backend| backend, || parking(&parked, ttl), &app);
     let all: Vec<&Instance> = instances.iter().collect();
     let client = HttpClient::with_host("app.example");
@@ -447,7 +354,7 @@ async fn a_leader_that_dies_mid_handler_costs_one_more_run_within_its_lease() {
     let (runs, parked) = (Tally::new(), Tally::new());
     let (lease, work) = (Duration::from_secs(1), Duration::from_millis(200));
     // The first run never ends: its instance dies in it. Later runs take `work`.
-    let app = app(&runs, move |_, run| async move {
+    let app = slow_app(&runs, move |_, run| async move {
         if run == 1 {
             std::future::pending::<()>().await;
         }
@@ -494,7 +401,7 @@ async fn a_leader_finishing_between_the_followers_acquire_and_wait_wakes_it_at_o
     let (runs, parked, gate) = (Tally::new(), Tally::new(), Gate::new());
     let (in_gap, leave_gap) = (Tally::new(), Gate::new());
     let lease = Duration::from_secs(10);
-    let app = app(&runs, gated(&gate));
+    let app = slow_app(&runs, gated(&gate));
     let backend = |builder: RedisBackendBuilder| builder.lease(lease);
     let leader = Instance::start(
         backend(RedisBackend::builder(redis.url())),
@@ -606,7 +513,7 @@ async fn a_handler_longer_than_three_leases_still_runs_once() {
     let redis = RedisServer::start();
     let (runs, parked) = (Tally::new(), Tally::new());
     let (lease, work) = (Duration::from_millis(300), Duration::from_millis(1200));
-    let app = app(&runs, move |_, _| tokio::time::sleep(work));
+    let app = slow_app(&runs, move |_, _| tokio::time::sleep(work));
     let instances = leased_instances(2, &redis, lease, &parked, &app);
     let client = HttpClient::with_host("app.example");
 
@@ -731,7 +638,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
         ("outage", Gate::new()),
         ("after", Gate::new()),
     ];
-    let app = app(&runs, {
+    let app = slow_app(&runs, {
         let gates = gates.clone();
         move |key, _| {
             let gate = gates
@@ -874,7 +781,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
 async fn with_redis_down_fail_closed_answers_503_at_once_and_runs_nothing() {
     let mut redis = RedisServer::start();
     let (runs, parked) = (Tally::new(), Tally::new());
-    let app = app(&runs, |_, _| async {});
+    let app = slow_app(&runs, |_, _| async {});
     let instances = start_instances(
         1,
         &redis,
@@ -1047,7 +954,7 @@ async fn a_panic_in_the_leader_instance_releases_remote_followers_and_one_retrie
     // The first run panics when let go; the retry waits at its own gate, so the test can see who
     // runs and who parks before anyone is served.
     quiet_deliberate_panics();
-    let app = app(&runs, {
+    let app = slow_app(&runs, {
         let (before_panic, retry) = (before_panic.clone(), retry.clone());
         move |_, run| {
             let (before_panic, retry) = (before_panic.clone(), retry.clone());
@@ -1115,7 +1022,7 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
         ]),
         Resp::Simple("OK".into())
     );
-    let app = app(&runs, gated(&gate));
+    let app = slow_app(&runs, gated(&gate));
     let instances = leased_instances(2, &redis, Duration::from_secs(5), &parked, &app);
     let all: Vec<&Instance> = instances.iter().collect();
     let client = HttpClient::with_host("app.example");
@@ -1414,10 +1321,11 @@ async fn private_responses_reach_only_their_own_caller_and_later_requests_pass_a
     );
 
     // Nobody took turns. First burst: the leader's run, then every waiting request's own run,
-    // all at once (2 W; processes taking turns, 4 W and more). Later: W (queued, 2 W and more).
+    // all at once (2 W, with room for a loaded machine up to 3 W; processes taking turns, 4 W
+    // and more). Later: W (queued, 2 W and more).
     let slowest = |replies: &[Reply]| replies.iter().map(|reply| reply.elapsed).max();
     assert!(
-        first_in < work * 5 / 2,
+        first_in < work * 3,
         "the first burst was answered {first_in:?} after the leader's request, work {work:?} \
          (the leader took {:?}, the slowest of the burst {:?})",
         lead.elapsed,
