@@ -49,6 +49,9 @@ pub(crate) struct Keep {
     /// The run failed (a `5xx`): it is handed to the callers waiting for it unless a stale value
     /// may stand in for it, and a refresh that ends so keeps the previous value.
     pub(crate) failed: bool,
+    /// Stale windows the value sets for itself, in place of the parker's (a response's
+    /// `stale-while-revalidate=N`, `stale-if-error=N`).
+    pub(crate) stale_windows: (Option<Duration>, Option<Duration>),
     /// Served without running the work for this long. Zero: handed only to the callers
     /// already waiting for this run, in every process.
     pub(crate) fresh_for: Duration,
@@ -65,6 +68,7 @@ impl Keep {
         Self {
             may_serve_stale: true,
             failed: false,
+            stale_windows: (None, None),
             fresh_for: ttl,
             keep_for: ttl,
             revalidated: false,
@@ -543,7 +547,11 @@ impl<V: Value> Inner<V> {
             Ok(Completion::Store(value, keep)) => {
                 let stale = &self.stale;
                 let (stale_for, error_for) = if keep.may_serve_stale && !keep.failed {
-                    (stale.while_revalidate, stale.if_error)
+                    let (while_revalidate, if_error) = keep.stale_windows;
+                    (
+                        while_revalidate.unwrap_or(stale.while_revalidate),
+                        if_error.unwrap_or(stale.if_error),
+                    )
                 } else {
                     (Duration::ZERO, Duration::ZERO)
                 };

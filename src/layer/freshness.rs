@@ -170,6 +170,15 @@ fn keep_for(
     Keep {
         may_serve_stale: !forbids_stale(normalised),
         failed: status.is_server_error(),
+        // RFC 5861's windows, when the response may set its own freshness.
+        stale_windows: if rules.lifetime_may_exceed_ttl {
+            (
+                directive_seconds(normalised, "stale-while-revalidate"),
+                directive_seconds(normalised, "stale-if-error"),
+            )
+        } else {
+            (None, None)
+        },
         fresh_for,
         keep_for: fresh_for
             + if has_validator {
@@ -198,6 +207,21 @@ fn forbids_stale(normalised: &HeaderMap) -> bool {
                 name,
                 "must-revalidate" | "proxy-revalidate" | "s-maxage" | "no-cache"
             )
+        })
+}
+
+/// The value of an RFC 5861 extension directive (`stale-while-revalidate=N`,
+/// `stale-if-error=N`) in the normalised `Cache-Control`, which the library does not read.
+fn directive_seconds(normalised: &HeaderMap, name: &str) -> Option<Duration> {
+    normalised
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|directive| {
+            let (directive, seconds) = directive.split_once('=')?;
+            let seconds = seconds.trim().trim_matches('"').parse().ok()?;
+            (directive.trim() == name).then(|| Duration::from_secs(seconds))
         })
 }
 
