@@ -730,4 +730,40 @@ mod tests {
         assert_eq!(stored.headers.get_all("link").iter().count(), 2);
         assert_eq!(stored.policy.unwrap().age_when_received, 3);
     }
+
+    #[test]
+    fn a_response_sets_its_own_stale_windows_only_when_it_may_set_its_freshness() {
+        let windows = |own: bool, cache_control: &str| {
+            let mut rules = rules(10);
+            rules.lifetime_may_exceed_ttl = own;
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(cache_control).unwrap(),
+            );
+            match judge(
+                Head::of(&request()),
+                StatusCode::OK,
+                &headers,
+                Bytes::new(),
+                &rules,
+                clock::now(),
+            ) {
+                Decision::Share(_, keep) => (keep.may_serve_stale, keep.stale_windows),
+                Decision::Pass => panic!("shared"),
+            }
+        };
+        let secs = |n| Some(Duration::from_secs(n));
+        let stated = "max-age=5, Stale-While-Revalidate=30, stale-if-error=\"60\"";
+        assert_eq!(windows(true, stated), (true, (secs(30), secs(60))));
+        assert_eq!(windows(false, stated), (true, (None, None)));
+        assert!(
+            !windows(
+                true,
+                "max-age=5, must-revalidate, stale-while-revalidate=30"
+            )
+            .0,
+            "never stale once it must be revalidated"
+        );
+    }
 }
