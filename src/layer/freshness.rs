@@ -766,4 +766,41 @@ mod tests {
             "never stale once it must be revalidated"
         );
     }
+
+    #[test]
+    fn a_stored_policy_costs_well_under_a_kilobyte() {
+        use crate::Value;
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("cache-control", "public, max-age=60"),
+            ("etag", "\"33a64df551425fcc55e4d42a148795d9f25f89d4\""),
+            ("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+            ("vary", "accept-encoding"),
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let Decision::Share(stored, _) = judge(
+            Head::of(&request()),
+            StatusCode::OK,
+            &headers,
+            Bytes::from(vec![b'x'; 2048]),
+            &rules(10),
+            clock::now(),
+        ) else {
+            panic!("shared")
+        };
+        let with_policy = stored.encode().len();
+        let without = StoredResponse {
+            policy: None,
+            ..stored
+        }
+        .encode()
+        .len();
+        eprintln!("a 2 KiB response: {without} bytes stored, {with_policy} with its policy");
+        assert!(with_policy - without < 1024, "{with_policy} - {without}");
+    }
 }
