@@ -23,7 +23,7 @@
 //!
 //! A thousand concurrent `GET /answer` run `expensive` once; requests in the next 30 seconds get
 //! the same response without running it. Each response says how it was served in `x-parking`:
-//! `miss`, `hit`, `coalesced`, `parked`, `bypass`, `pass`, `revalidated` or `timeout`.
+//! `miss`, `hit`, `coalesced`, `parked`, `bypass`, `pass`, `revalidated`, `stale` or `timeout`.
 //!
 //! The layer is a shared cache in the sense of RFC 9111: a response reaches a request other than
 //! its own only if a correct shared cache could give it to that request (its `Cache-Control`,

@@ -20,7 +20,7 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 pub struct Reply {
     /// The response status.
     pub status: StatusCode,
-    /// The `x-parking` header: `miss`, `hit`, `coalesced`, `parked`, `bypass` or `timeout`.
+    /// The `x-parking` header: `miss`, `hit`, `coalesced`, `parked`, `stale`, `pass`, ...
     pub parking: Option<String>,
     /// Every response header.
     pub headers: HeaderMap,
