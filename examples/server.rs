@@ -88,6 +88,9 @@ usage: server [OPTIONS]
                             (default: as long as the leader is alive)
   --enable-keyspace-events  with --redis: turn on the keyspace notifications it needs (CONFIG SET)
   --key-prefix P            with --redis: prefix of its Redis keys (default parking:)
+  --stale-ms N              serve a response up to N ms past its TTL while one refresh runs
+                            (stale-while-revalidate; default 0: off)
+  --early-refresh BETA      refresh hot responses before they expire (XFetch; default: off)
   -h, --help                print this help
 
 routes (HTTP/1.1, and HTTP/2 with prior knowledge, on the same port):
@@ -113,6 +116,8 @@ struct Options {
     wait_timeout: Option<Duration>,
     enable_keyspace_events: bool,
     key_prefix: Option<String>,
+    stale: Option<Duration>,
+    early_refresh: Option<f64>,
 }
 
 impl Options {
@@ -127,6 +132,8 @@ impl Options {
             wait_timeout: None,
             enable_keyspace_events: false,
             key_prefix: None,
+            stale: None,
+            early_refresh: None,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -159,6 +166,14 @@ impl Options {
                 "--lease-ms" => options.lease = Some(millis(value()?)?),
                 "--wait-timeout-ms" => options.wait_timeout = Some(millis(value()?)?),
                 "--key-prefix" => options.key_prefix = Some(value()?),
+                "--stale-ms" => options.stale = Some(millis(value()?)?),
+                "--early-refresh" => {
+                    let text = value()?;
+                    let beta = text.parse::<f64>().ok().filter(|beta| *beta > 0.0);
+                    let beta =
+                        beta.ok_or_else(|| format!("{flag} takes a number above 0, not {text:?}"))?;
+                    options.early_refresh = Some(beta);
+                }
                 "--enable-keyspace-events" if inline.is_none() => {
                     options.enable_keyspace_events = true;
                 }
@@ -282,6 +297,12 @@ async fn serve(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut parking = ParkingLayer::new().ttl(options.ttl);
     if let Some(timeout) = options.wait_timeout {
         parking = parking.wait_timeout(timeout);
+    }
+    if let Some(window) = options.stale {
+        parking = parking.stale_while_revalidate(window);
+    }
+    if let Some(beta) = options.early_refresh {
+        parking = parking.early_refresh(beta);
     }
     parking = match &options.redis {
         Some(url) => parking.backend(redis_backend(url, &options).await?),
