@@ -29,6 +29,7 @@ pub mod fleet;
 mod instance;
 mod process;
 mod proxy;
+pub mod redis_cluster;
 mod redis_server;
 
 use std::sync::atomic::{AtomicU64, Ordering};

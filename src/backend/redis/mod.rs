@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `P{U}:V:resp` | `<generation> <entry>`: the stored entry | `PX keep` |
 //! | `P{U}:V:lock` | `<fence>:<nonce>:<generation>`, the leader's token | `PX lease`, renewed |
-//! | `P{U}:V:fence` | a counter that orders acquisitions | a few leases |
+//! | `P{U}:V:fence` | `<fence>:<nonce>`: a counter that orders acquisitions, and who took it | a few leases |
 //! | `P{U}:gen` | the URI's generation, moved on by every invalidation | a day |
 //!
 //! Every operation is one Lua script (one round trip). Followers wait on keyspace notifications
@@ -46,10 +46,11 @@ use crate::Key;
 mod builder;
 mod health;
 mod local;
+mod nodes;
 mod scripts;
 mod waiter;
 
-pub use builder::{RedisBackendBuilder, RedisSetupError};
+pub use builder::{NodeKeyspaceEvents, RedisBackendBuilder, RedisSetupError};
 
 use local::LocalWindow;
 use scripts::{Script, Scripts};
@@ -552,8 +553,9 @@ impl Backend for RedisBackend {
     ) -> BackendFuture<'a, bool> {
         Box::pin(async move {
             let keys = self.keys(lease.key());
-            // The token ends with the URI's generation when the lease was taken.
-            let generation = lease.token().rsplit(':').next().unwrap_or("0");
+            // The token is `<fence>:<nonce>:<generation>`: the fence counter's value when the
+            // lease was taken, then the URI's generation.
+            let (owner, generation) = lease.token().rsplit_once(':').unwrap_or(("", "0"));
             let reply = self
                 .run(
                     "complete",
@@ -561,7 +563,7 @@ impl Backend for RedisBackend {
                     vec![keys.resp, keys.lock, keys.fence, keys.gen],
                     vec![
                         lease.token().into(),
-                        lease.fence().to_string().into(),
+                        owner.into(),
                         Value::Bytes(entry),
                         millis(keep),
                         generation.into(),
