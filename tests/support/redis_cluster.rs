@@ -470,7 +470,17 @@ struct SentinelProcess {
 struct RedisServerPort(u16);
 
 impl SentinelProcess {
+    /// Starts a sentinel on a free port, again on another one if that port was taken meanwhile.
     fn start(primary: u16) -> Self {
+        for _ in 0..5 {
+            if let Some(sentinel) = Self::try_start(primary) {
+                return sentinel;
+            }
+        }
+        panic!("could not start redis-sentinel");
+    }
+
+    fn try_start(primary: u16) -> Option<Self> {
         let dir = TempDir::new("tower-parking-sentinel");
         let port = free_port();
         let config = dir.path().join("sentinel.conf");
@@ -498,16 +508,24 @@ impl SentinelProcess {
                 }
                 _ => panic!("cannot run redis-sentinel: {error}"),
             });
-        let sentinel = Self {
+        let mut sentinel = Self {
             port,
             child,
             server: RedisServerPort(port),
             _dir: dir,
         };
-        until(Duration::from_secs(10), "redis-sentinel to answer", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        sentinel
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            // Exited: the port was taken by someone else before it bound it.
+            if let Ok(Some(_)) = sentinel.child.try_wait() {
+                return None;
+            }
+            if answers_ping(port) {
+                return Some(sentinel);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     fn cmd(&self, args: &[&str]) -> Resp {
@@ -520,6 +538,19 @@ impl Drop for SentinelProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether a Redis-speaking process answers `PING` on the port (without panicking).
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
 }
 
 /// How many keys of `keys` each primary of the cluster owns (by port).
