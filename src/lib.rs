@@ -57,7 +57,7 @@ mod value;
 
 pub use backend::{Backend, BackendError, FailurePolicy, LeaseSettings, MemoryBackend};
 #[cfg(feature = "redis")]
-pub use backend::{RedisBackend, RedisBackendBuilder, RedisSetupError};
+pub use backend::{NodeKeyspaceEvents, RedisBackend, RedisBackendBuilder, RedisSetupError};
 pub use body::{BoxError, ParkingBody};
 pub use error::ParkError;
 pub use key::{ByHeader, Key, KeyFn, PerUser, PerUserWith, SharedAcrossUsers, CREDENTIAL_HEADERS};

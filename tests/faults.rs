@@ -446,7 +446,7 @@ async fn a_killed_subscriber_connection_loses_no_wake_up() {
         let clients = redis.cmd(&["CLIENT", "LIST", "TYPE", "pubsub"]).text();
         let subscribed = clients
             .lines()
-            .filter(|line| line.contains("psub=3"))
+            .filter(|line| line.contains("psub=4"))
             .count();
         async move { (subscribed == 2).then_some(()) }
     });

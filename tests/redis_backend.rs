@@ -391,11 +391,11 @@ async fn two_connections_per_backend_however_many_waits() {
     assert_eq!(open.len(), 4, "200 waits opened connections: {open:#?}");
     let subscribers = open
         .iter()
-        .filter(|line| line.contains("psub=3") && line.contains(" sub=1 "))
+        .filter(|line| line.contains("psub=4") && line.contains(" sub=0 "))
         .count();
     assert_eq!(
         subscribers, 2,
-        "one subscriber (entries, locks, generations; its canary) per backend: {open:#?}"
+        "one subscriber (entries, locks, generations, its canaries: 4 patterns) per backend: {open:#?}"
     );
 
     let completed = Instant::now();

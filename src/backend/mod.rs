@@ -23,7 +23,7 @@ mod stamp;
 
 pub use memory::MemoryBackend;
 #[cfg(feature = "redis")]
-pub use redis::{RedisBackend, RedisBackendBuilder, RedisSetupError};
+pub use redis::{NodeKeyspaceEvents, RedisBackend, RedisBackendBuilder, RedisSetupError};
 #[cfg(all(test, feature = "redis"))]
 pub(crate) use stamp::LUA_HEAD_PATTERN;
 pub use stamp::{EntryKind, Stamp};

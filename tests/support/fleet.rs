@@ -66,14 +66,19 @@ pub fn start_instances(
     layer: impl Fn() -> ParkingLayer,
     app: &Router,
 ) -> Vec<Instance> {
+    start_instances_on(n, &redis.url(), backend, layer, app)
+}
+
+/// Like [`start_instances`], on the Redis at `url` (a cluster's, a Sentinel's).
+pub fn start_instances_on(
+    n: usize,
+    url: &str,
+    backend: impl Fn(RedisBackendBuilder) -> RedisBackendBuilder,
+    layer: impl Fn() -> ParkingLayer,
+    app: &Router,
+) -> Vec<Instance> {
     (0..n)
-        .map(|_| {
-            Instance::start(
-                backend(RedisBackend::builder(redis.url())),
-                layer(),
-                app.clone(),
-            )
-        })
+        .map(|_| Instance::start(backend(RedisBackend::builder(url)), layer(), app.clone()))
         .collect()
 }
 

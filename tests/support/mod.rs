@@ -30,6 +30,7 @@ mod instance;
 pub mod origin;
 mod process;
 mod proxy;
+pub mod redis_cluster;
 mod redis_server;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,7 +5,7 @@ use std::{error::Error as StdError, fmt, sync::Arc, time::Duration};
 use fred::{
     clients::{Client, SubscriberClient},
     error::{Error as FredError, ErrorKind},
-    interfaces::{ClientLike, ConfigInterface, KeysInterface, PubsubInterface},
+    interfaces::{ClientLike, ConfigInterface, KeysInterface},
     types::{
         config::{Config, ReconnectPolicy, UnresponsiveConfig},
         Builder, Expiration, Value,
@@ -15,6 +15,7 @@ use fred::{
 use super::{
     health::Health,
     local::LocalWindow,
+    nodes,
     scripts::Scripts,
     waiter::{self, CommandConnection, Dispatch, Streams, Waiters},
     Inner, Nonces, RedisBackend,
@@ -179,9 +180,7 @@ impl RedisBackendBuilder {
             });
         }
         let config = parse_url(&self.url)?;
-        if config.server.is_clustered() {
-            return Err(RedisSetupError::ClusterNotSupported);
-        }
+        // A cluster has database 0 only.
         let db = config.database.unwrap_or(0);
         let (client, subscriber) = self.clients(config.clone())?;
         let connected = async {
@@ -189,7 +188,10 @@ impl RedisBackendBuilder {
             subscriber.init().await
         };
         match connected.await {
-            Ok(_) => self.assemble(db, client, subscriber, Joined::AtBuild).await,
+            Ok(_) => {
+                self.assemble(config, db, client, subscriber, Joined::AtBuild)
+                    .await
+            }
             Err(error)
                 if self.start_when_down
                     && self.failure_policy == FailurePolicy::FailOpen
@@ -200,9 +202,10 @@ impl RedisBackendBuilder {
                 // Clients that keep trying to connect, in the background.
                 let mut config = config;
                 config.fail_fast = false;
-                let (client, subscriber) = self.clients(config)?;
+                let (client, subscriber) = self.clients(config.clone())?;
                 let (_, _) = (client.connect(), subscriber.connect());
-                self.assemble(db, client, subscriber, Joined::Later).await
+                self.assemble(config, db, client, subscriber, Joined::Later)
+                    .await
             }
             Err(error) => {
                 let _ = tokio::join!(client.quit(), subscriber.quit());
@@ -215,6 +218,7 @@ impl RedisBackendBuilder {
     /// subscribed once they connect.
     async fn assemble(
         self,
+        config: Config,
         db: u8,
         client: Client,
         subscriber: SubscriberClient,
@@ -222,7 +226,7 @@ impl RedisBackendBuilder {
     ) -> Result<RedisBackend, RedisSetupError> {
         // The streams exist before the subscription is acknowledged: nothing after it is lost.
         let streams = Streams::of(&client, &subscriber);
-        let patterns = waiter::keyspace_patterns(db, &self.prefix);
+        let mut patterns = waiter::keyspace_patterns(db, &self.prefix);
         let nonces = Nonces::new();
         let health = Arc::new(Health::new(
             &self.prefix,
@@ -230,12 +234,9 @@ impl RedisBackendBuilder {
             &nonces.next(),
             self.local_window_staleness,
         ));
+        patterns.push(health.canary_pattern.clone());
         if joined == Joined::AtBuild {
-            let subscribed = async {
-                subscriber.psubscribe(patterns.clone()).await?;
-                subscriber.subscribe(health.canary_channel.as_str()).await
-            };
-            if let Err(error) = subscribed.await {
+            if let Err(error) = nodes::psubscribe_everywhere(&subscriber, &patterns).await {
                 let _ = tokio::join!(client.quit(), subscriber.quit());
                 return Err(setup_error(error));
             }
@@ -257,6 +258,8 @@ impl RedisBackendBuilder {
             prefix: self.prefix.clone(),
             enable_keyspace_events: self.enable_keyspace_events,
             dead_after: (self.command_timeout * 2).max(Duration::from_secs(2)),
+            config: config.clone(),
+            command_timeout: self.command_timeout,
         };
         let dispatcher = match joined {
             Joined::AtBuild => tokio::spawn(waiter::dispatch(dispatch, streams)),
@@ -285,7 +288,7 @@ impl RedisBackendBuilder {
             }),
         };
         if joined == Joined::AtBuild {
-            check_keyspace_events(&backend, self.enable_keyspace_events).await?;
+            check_keyspace_events(&backend, &config, self.enable_keyspace_events).await?;
         }
         Ok(backend)
     }
@@ -336,29 +339,32 @@ enum Joined {
 async fn join_then_dispatch(dispatch: Dispatch, streams: Streams) {
     let (client, subscriber) = (&dispatch.client, &dispatch.subscriber);
     let _ = tokio::join!(client.wait_for_connect(), subscriber.wait_for_connect());
-    waiter::subscribe(
-        subscriber,
-        &dispatch.patterns,
-        &dispatch.health.canary_channel,
-    )
-    .await;
+    waiter::subscribe(subscriber, &dispatch.patterns).await;
     let checked = if dispatch.enable_keyspace_events {
-        turn_on_keyspace_events(client)
+        turn_on_keyspace_events(client, &dispatch.config, dispatch.command_timeout)
             .await
             .map_err(|e| e.to_string())
     } else {
-        match client.config_get::<Value, _>(SETTING).await {
-            Ok(reply) => {
-                let current = setting_value(reply);
-                match missing_flags(&current) {
-                    missing if missing.is_empty() => Ok(()),
-                    missing => Err(format!(
-                        "{SETTING} lacks the flags {missing}: set it to {current}{missing} (parked requests poll Redis until then)"
-                    )),
+        let mut lacking = Vec::new();
+        for node in nodes::primaries(client) {
+            // Managed Redis may refuse CONFIG: the canary tells whether notifications flow.
+            if let Ok(current) = nodes::config_get_on(client, node.as_ref(), SETTING).await {
+                let missing = missing_flags(&current);
+                if !missing.is_empty() {
+                    lacking.push(format!(
+                        "{} lacks {missing} (set it to {current}{missing})",
+                        nodes::name(node.as_ref())
+                    ));
                 }
             }
-            // Managed Redis may refuse CONFIG: the canary tells whether notifications flow.
-            Err(_) => Ok(()),
+        }
+        if lacking.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{SETTING}: {} (parked requests poll Redis until then)",
+                lacking.join("; ")
+            ))
         }
     };
     match checked {
@@ -440,66 +446,143 @@ fn missing_wanted(current: &str) -> String {
         .collect()
 }
 
-/// Turns on the notification classes the backend needs (and wants) that the server lacks, as
-/// `build` does with `enable_keyspace_events(true)`: after a restart or a failover lost them.
-pub(super) async fn turn_on_keyspace_events(client: &Client) -> Result<(), FredError> {
+/// Turns on the notification classes the backend needs (and wants) that the node lacks; says
+/// whether it had to.
+async fn turn_on_here<C: ConfigInterface + Sync>(client: &C) -> Result<bool, FredError> {
     let current = setting_value(client.config_get::<Value, _>(SETTING).await?);
     let missing = format!("{}{}", missing_flags(&current), missing_wanted(&current));
     if missing.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let now = format!("{current}{missing}");
     client.config_set::<_, _>(SETTING, now.as_str()).await?;
-    tracing::warn!(previous = %current, %now, "the Redis keyspace notifications tower-parking needs were off again (restart, failover, CONFIG SET?): turned them back on");
-    Ok(())
+    Ok(true)
 }
 
-/// Checks `notify-keyspace-events`, and turns on what is missing if `enable`.
+/// Turns on the notification classes the backend needs (and wants) on every primary and every
+/// replica (a replica becomes a primary on failover) that lacks them, as `build` does with
+/// `enable_keyspace_events(true)`: after a restart, a failover or a `CONFIG SET` lost them. Every
+/// node is tried; the first failure is returned.
+pub(super) async fn turn_on_keyspace_events(
+    client: &Client,
+    config: &Config,
+    timeout: Duration,
+) -> Result<(), FredError> {
+    let mut first_error = None;
+    let mut note = |result: Result<bool, FredError>, node: &str| {
+        match result {
+        Ok(true) => tracing::warn!(node, "the Redis keyspace notifications tower-parking needs were off (restart, failover, CONFIG SET?): turned them on"),
+        Ok(false) => {}
+        Err(error) => {
+            tracing::debug!(node, %error, "could not turn the keyspace notifications on");
+            first_error.get_or_insert(error);
+        }
+    }
+    };
+    for primary in nodes::primaries(client) {
+        let name = nodes::name(primary.as_ref());
+        let on_primary = client.with_options(&nodes::on(primary.as_ref()));
+        note(turn_on_here(&on_primary).await, &name);
+        match nodes::replicas_of(client, primary.as_ref()).await {
+            Ok(replicas) => {
+                for (host, port) in replicas {
+                    let name = format!("{host}:{port}");
+                    let result = match nodes::replica_client(config, &host, port, timeout).await {
+                        Ok(replica) => {
+                            let result = turn_on_here(&replica).await;
+                            let _ = replica.quit().await;
+                            result
+                        }
+                        Err(error) => Err(error),
+                    };
+                    note(result, &name);
+                }
+            }
+            Err(error) => note(Err(error), &name),
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Checks `notify-keyspace-events` on every primary (the one server, the primary Sentinel names,
+/// every primary of a cluster), and turns on what is missing if `enable`, on the replicas too.
 async fn check_keyspace_events(
     backend: &RedisBackend,
+    config: &Config,
     enable: bool,
 ) -> Result<(), RedisSetupError> {
     let client = &backend.inner.client;
-    let current = match client.config_get::<Value, _>(SETTING).await {
-        Ok(reply) => setting_value(reply),
-        Err(error) if is_connection_error(&error) => return Err(connect_error(error)),
-        Err(refused) => {
-            // Managed Redis often refuses `CONFIG`; the setting may still be right (set in the
-            // provider's parameter group), which only a live notification can tell.
-            return match notifications_arrive(backend).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(RedisSetupError::ConfigNotAllowed {
-                    needed: NEEDED_FLAGS.iter().collect(),
-                    reason: refused.details().to_owned(),
-                }),
-                Err(error) => Err(setup_error(error)),
-            };
+    let primaries = nodes::primaries(client);
+    let mut lacking = Vec::new();
+    for node in &primaries {
+        let current = match nodes::config_get_on(client, node.as_ref(), SETTING).await {
+            Ok(current) => current,
+            Err(error) if is_connection_error(&error) => return Err(connect_error(error)),
+            Err(refused) => {
+                // Managed Redis often refuses `CONFIG`; the setting may still be right (set in
+                // the provider's parameter group), which only a live notification can tell.
+                return match notifications_arrive(backend).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(RedisSetupError::ConfigNotAllowed {
+                        needed: NEEDED_FLAGS.iter().collect(),
+                        reason: refused.details().to_owned(),
+                    }),
+                    Err(error) => Err(setup_error(error)),
+                };
+            }
+        };
+        let missing = missing_flags(&current);
+        if !missing.is_empty() || (enable && !missing_wanted(&current).is_empty()) {
+            let needed = format!("{current}{missing}");
+            lacking.push((node.clone(), current, needed));
         }
-    };
-    let missing = missing_flags(&current);
-    if missing.is_empty() && (!enable || missing_wanted(&current).is_empty()) {
-        return Ok(());
     }
-    let needed = format!("{current}{missing}");
     if !enable {
-        return Err(RedisSetupError::KeyspaceEventsDisabled { current, needed });
+        return match lacking.len() {
+            0 => Ok(()),
+            1 if !client.is_clustered() => {
+                let (_, current, needed) = lacking.remove(0);
+                Err(RedisSetupError::KeyspaceEventsDisabled { current, needed })
+            }
+            _ => Err(RedisSetupError::NodesLackKeyspaceEvents {
+                nodes: lacking
+                    .into_iter()
+                    .map(|(node, current, needed)| NodeKeyspaceEvents {
+                        node: nodes::name(node.as_ref()),
+                        current,
+                        needed,
+                    })
+                    .collect(),
+            }),
+        };
     }
-    let needed = format!("{needed}{}", missing_wanted(&current));
-    match client.config_set(SETTING, needed.as_str()).await {
-        Ok(()) => {
-            tracing::info!(previous = %current, now = %needed, "turned on the Redis keyspace notifications tower-parking needs");
-            Ok(())
+    for (node, current, needed) in lacking {
+        let needed = format!("{needed}{}", missing_wanted(&current));
+        let on_node = client.with_options(&nodes::on(node.as_ref()));
+        match on_node.config_set::<_, _>(SETTING, needed.as_str()).await {
+            Ok(()) => {
+                tracing::info!(node = %nodes::name(node.as_ref()), previous = %current, now = %needed, "turned on the Redis keyspace notifications tower-parking needs")
+            }
+            Err(error) if is_connection_error(&error) => return Err(connect_error(error)),
+            Err(refused) => {
+                return Err(RedisSetupError::ConfigNotAllowed {
+                    needed,
+                    reason: refused.details().to_owned(),
+                })
+            }
         }
-        Err(error) if is_connection_error(&error) => Err(connect_error(error)),
-        Err(refused) => Err(RedisSetupError::ConfigNotAllowed {
-            needed,
-            reason: refused.details().to_owned(),
-        }),
     }
+    // The replicas, which become primaries on failover: failures there are only logged, as the
+    // backend sets the flags on a new primary when it connects to it anyway.
+    let timeout = backend.inner.command_timeout;
+    if let Err(error) = turn_on_keyspace_events(client, config, timeout).await {
+        tracing::warn!(%error, "could not turn the keyspace notifications on on every replica: a replica promoted by a failover gets them when the backend connects to it");
+    }
+    Ok(())
 }
 
 /// The value in a `CONFIG GET notify-keyspace-events` reply (a map in RESP3, pairs in RESP2).
-fn setting_value(reply: Value) -> String {
+pub(super) fn setting_value(reply: Value) -> String {
     reply
         .into_map()
         .ok()
@@ -562,6 +645,18 @@ async fn notifications_arrive(backend: &RedisBackend) -> Result<bool, FredError>
         .is_ok())
 }
 
+/// One node's `notify-keyspace-events`, in [`RedisSetupError::NodesLackKeyspaceEvents`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeKeyspaceEvents {
+    /// The node, `host:port`.
+    pub node: String,
+    /// Its current `notify-keyspace-events`.
+    pub current: String,
+    /// The value to set: the current flags plus the missing ones.
+    pub needed: String,
+}
+
 /// Why a [`RedisBackend`] could not be built. Its message says what to do about it.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -578,7 +673,8 @@ pub enum RedisSetupError {
         /// How often it would be renewed.
         renew_every: Duration,
     },
-    /// The URL names a Redis Cluster, which this backend does not support yet.
+    /// Not returned any more: Redis Cluster is supported. Kept so that matches on it still
+    /// compile.
     ClusterNotSupported,
     /// Redis could not be reached (refused, timed out, TLS or authentication failed).
     Connect(BoxError),
@@ -588,6 +684,12 @@ pub enum RedisSetupError {
         current: String,
         /// The value to set: the current flags plus the missing ones.
         needed: String,
+    },
+    /// Keyspace notifications are off, or lack flags the backend needs, on some primaries of a
+    /// cluster (or on the primary Sentinel names).
+    NodesLackKeyspaceEvents {
+        /// Each primary that lacks flags, with its setting and the value to set.
+        nodes: Vec<NodeKeyspaceEvents>,
     },
     /// Redis does not allow `CONFIG` (renamed, or a managed service), and keyspace notifications
     /// did not arrive when tried.
@@ -608,7 +710,8 @@ impl fmt::Display for RedisSetupError {
             Self::InvalidUrl(error) => write!(
                 f,
                 "invalid Redis URL ({error}): use redis://host:port/db, rediss://... for TLS, \
-                 redis+unix:///path/to/redis.sock, or redis-sentinel://host:port?sentinelServiceName=name"
+                 redis+unix:///path/to/redis.sock, redis-cluster://host:port?node=host2:port2 for \
+                 a cluster, or redis-sentinel://host:port?sentinelServiceName=name"
             ),
             Self::InvalidPrefix(prefix) => write!(
                 f,
@@ -622,11 +725,7 @@ impl fmt::Display for RedisSetupError {
                  while its leader is alive; the lease must be at least 1 ms and renew_every \
                  shorter than it (by default it is a third of it)"
             ),
-            Self::ClusterNotSupported => write!(
-                f,
-                "Redis Cluster URLs are not supported yet (keyspace notifications are per node): \
-                 point the backend at a single primary, or a sentinel-managed one"
-            ),
+            Self::ClusterNotSupported => write!(f, "Redis Cluster URLs are not supported"),
             Self::Connect(error) => write!(
                 f,
                 "could not connect to Redis ({error}): check the URL, that Redis is running and \
@@ -640,6 +739,28 @@ impl fmt::Display for RedisSetupError {
                  `{SETTING} {needed}` in redis.conf, or build the backend with \
                  `.enable_keyspace_events(true)` to let it set them"
             ),
+            Self::NodesLackKeyspaceEvents { nodes } => {
+                write!(
+                    f,
+                    "Redis keyspace notifications are off or incomplete on {} node(s), and \
+                     tower-parking needs the flags K, g, $ and x on every primary (and every \
+                     replica, which a failover makes a primary) to wake waiting requests:",
+                    nodes.len()
+                )?;
+                for node in nodes {
+                    write!(
+                        f,
+                        " on {}, `{SETTING}` is \"{}\": run `redis-cli -h HOST -p PORT CONFIG SET \
+                         {SETTING} '{}'` there;",
+                        node.node, node.current, node.needed
+                    )?;
+                }
+                write!(
+                    f,
+                    " or put `{SETTING} Kg$xe` in every node's redis.conf, or build the backend \
+                     with `.enable_keyspace_events(true)` to let it set them on every node"
+                )
+            }
             Self::ConfigNotAllowed { needed, reason } => write!(
                 f,
                 "Redis does not allow the CONFIG command here ({reason}), so tower-parking cannot \

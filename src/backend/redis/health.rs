@@ -1,63 +1,127 @@
-//! Whether the notification path is alive end to end, proved by a canary.
+//! Whether the notification path is alive end to end, proved by canaries.
 //!
-//! Every backend writes a key of its own (`P{canary-<nonce>}:beat`) every quarter of the
-//! staleness bound, and listens on that key's own keyspace channel. Hearing the notification
-//! proves, in one go, that the command connection writes, that Redis sends notifications with
-//! the flags needed, and that the subscriber connection receives them. While the canary has not
-//! been heard for a whole bound, nothing is served from the local window and parked requests
-//! poll Redis in short steps instead of waiting to be woken.
+//! Every backend writes keys of its own (`P{canary-<nonce>-<n>}:beat`) every quarter of the
+//! staleness bound, one on every primary (a cluster's keyspace notifications are per node: `<n>`
+//! is picked so that the key's slot is on that primary), and listens on their keyspace channels.
+//! Hearing a canary proves, in one go, that the command connection writes, that the node sends
+//! notifications with the flags needed, and that the subscriber connection to that node receives
+//! them. While any primary's canary has not been heard for a whole bound, nothing is served from
+//! the local window and parked requests poll Redis in short steps instead of waiting to be woken.
 
 use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hasher},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-/// The notification path's health, as the canary tells it.
+/// The notification path's health, as the canaries tell it.
 #[derive(Debug)]
 pub(super) struct Health {
     epoch: Instant,
-    /// Milliseconds after `epoch` until which the path counts as alive.
-    alive_until: AtomicU64,
+    /// The current canaries' keys, one per primary, and the milliseconds after `epoch` until
+    /// which each counts as heard.
+    canaries: Mutex<Vec<(String, u64)>>,
     /// How long a canary heard keeps the path alive: the local window's staleness bound.
     pub(super) bound: Duration,
-    /// The canary's key, and the keyspace channel its notifications come on.
-    pub(super) canary_key: String,
-    pub(super) canary_channel: String,
+    /// What every canary key of this backend starts with (`P{canary-<nonce>-`).
+    canary_head: String,
+    /// The keyspace channel pattern of every canary key of this backend.
+    pub(super) canary_pattern: String,
 }
 
 impl Health {
     pub(super) fn new(prefix: &str, db: u8, nonce: &str, bound: Duration) -> Self {
-        let canary_key = format!("{prefix}{{canary-{nonce}}}:beat");
+        let canary_head = format!("{prefix}{{canary-{nonce}-");
         Self {
             epoch: Instant::now(),
-            alive_until: AtomicU64::new(0),
+            canaries: Mutex::new(Vec::new()),
             bound,
-            canary_channel: format!("__keyspace@{db}__:{canary_key}"),
-            canary_key,
+            canary_pattern: format!("__keyspace@{db}__:{canary_head}*}}:beat"),
+            canary_head,
         }
+    }
+
+    /// The `n`th canary key: `P{canary-<nonce>-<n>}:beat`, whose hash tag is
+    /// `canary-<nonce>-<n>`.
+    pub(super) fn canary_key(&self, n: u32) -> String {
+        format!("{}{n}}}:beat", self.canary_head)
+    }
+
+    /// The hash tag of the `n`th canary key (what its slot is computed from).
+    pub(super) fn canary_tag(&self, n: u32) -> String {
+        let tag = self.canary_key(n);
+        let open = tag.find('{').map_or(0, |i| i + 1);
+        let close = tag.rfind('}').unwrap_or(tag.len());
+        tag[open..close].to_owned()
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether a canary was heard within the bound.
+    fn canaries(&self) -> std::sync::MutexGuard<'_, Vec<(String, u64)>> {
+        self.canaries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The canaries to fly from now on, one per primary: those kept keep when they were heard,
+    /// new ones count as unheard until they are.
+    pub(super) fn fly(&self, keys: Vec<String>) {
+        let mut canaries = self.canaries();
+        if canaries.iter().map(|(key, _)| key).eq(keys.iter()) {
+            return;
+        }
+        let kept = keys
+            .into_iter()
+            .map(|key| {
+                let heard = canaries
+                    .iter()
+                    .find(|(old, _)| *old == key)
+                    .map_or(0, |(_, until)| *until);
+                (key, heard)
+            })
+            .collect();
+        *canaries = kept;
+    }
+
+    /// Whether every current canary was heard within the bound.
     pub(super) fn alive(&self) -> bool {
-        self.now() < self.alive_until.load(Ordering::Acquire)
+        let now = self.now();
+        let canaries = self.canaries();
+        !canaries.is_empty() && canaries.iter().all(|(_, until)| now < *until)
     }
 
-    /// The canary was heard: the path is alive for another bound.
-    pub(super) fn heard_canary(&self) {
+    /// Whether this key is one of this backend's canaries (current or not).
+    pub(super) fn is_canary(&self, key: &str) -> bool {
+        key.starts_with(&self.canary_head)
+    }
+
+    /// A canary was heard: its primary's path is alive for another bound.
+    pub(super) fn heard_canary(&self, key: &str) {
         let until = self.now().saturating_add(self.bound.as_millis() as u64);
-        self.alive_until.store(until, Ordering::Release);
+        if let Some(canary) = self.canaries().iter_mut().find(|(k, _)| k == key) {
+            canary.1 = until;
+        }
     }
 
-    /// Anything that may have lost notifications happened: alive again only once a canary is
-    /// heard after it.
+    /// As if the only canary was heard (tests of the local window).
+    #[cfg(test)]
+    pub(super) fn heard_every_canary(&self) {
+        if self.canaries().is_empty() {
+            self.fly(vec![self.canary_key(0)]);
+        }
+        let keys: Vec<String> = self.canaries().iter().map(|(key, _)| key.clone()).collect();
+        for key in keys {
+            self.heard_canary(&key);
+        }
+    }
+
+    /// Anything that may have lost notifications happened: alive again only once every canary
+    /// is heard after it.
     pub(super) fn lost(&self) {
-        self.alive_until.store(0, Ordering::Release);
+        for canary in self.canaries().iter_mut() {
+            canary.1 = 0;
+        }
     }
 
     /// How long a parked request waits before it looks at Redis again by itself: about a second
@@ -85,16 +149,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn alive_only_within_the_bound_after_a_canary() {
+    fn alive_only_while_every_canary_was_heard_within_the_bound() {
         let health = Health::new("p:", 0, "n", Duration::from_secs(60));
         assert!(!health.alive(), "not alive before the first canary");
+        assert_eq!(health.canary_key(0), "p:{canary-n-0}:beat");
+        assert_eq!(health.canary_tag(3), "canary-n-3");
+        assert_eq!(health.canary_pattern, "__keyspace@0__:p:{canary-n-*}:beat");
+        health.fly(vec![health.canary_key(0), health.canary_key(1)]);
+        assert!(!health.alive());
         assert!(health.recheck_after() <= Duration::from_millis(50));
-        health.heard_canary();
+        health.heard_canary(&health.canary_key(0));
+        assert!(!health.alive(), "one primary's canary is not enough");
+        health.heard_canary(&health.canary_key(1));
         assert!(health.alive());
         assert!(health.recheck_after() >= Duration::from_millis(800));
+        health.fly(vec![health.canary_key(1), health.canary_key(2)]);
+        assert!(!health.alive(), "a new primary's canary is not heard yet");
+        health.heard_canary(&health.canary_key(2));
+        assert!(health.alive(), "the kept canary keeps when it was heard");
         health.lost();
         assert!(!health.alive());
-        assert_eq!(health.canary_key, "p:{canary-n}:beat");
-        assert_eq!(health.canary_channel, "__keyspace@0__:p:{canary-n}:beat");
+        assert!(health.is_canary("p:{canary-n-7}:beat"));
+        assert!(!health.is_canary("p:{canary-m-7}:beat"));
     }
 }

@@ -168,7 +168,7 @@ mod tests {
 
     fn trusted_window(max_bytes: usize) -> LocalWindow {
         let health = Arc::new(Health::new("p:", 0, "test", Duration::from_secs(3600)));
-        health.heard_canary();
+        health.heard_every_canary();
         LocalWindow::new(max_bytes, health)
     }
 
@@ -233,14 +233,14 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         window.keep("a", Bytes::from_static(b"v"), later, window.generation());
         assert_eq!(window.get("a"), None, "no canary heard yet");
-        health.heard_canary();
+        health.heard_every_canary();
         assert_eq!(window.get("a").as_deref(), Some(&b"v"[..]));
         health.lost();
         assert_eq!(window.get("a"), None, "notifications in doubt");
 
         let bounded = LocalWindow::new(1024, {
             let health = Arc::new(Health::new("p:", 0, "b", Duration::from_secs(1)));
-            health.heard_canary();
+            health.heard_every_canary();
             health
         });
         bounded.keep("a", Bytes::from_static(b"v"), later, bounded.generation());

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `P{U}:V:resp` | `<generation> <entry>`: the stored entry | `PX keep` |
 //! | `P{U}:V:lock` | `<fence>:<nonce>:<generation>`, the leader's token | `PX lease`, renewed |
-//! | `P{U}:V:fence` | a counter that orders acquisitions | a few leases |
+//! | `P{U}:V:fence` | `<fence>:<nonce>`: a counter that orders acquisitions, and who took it | a few leases |
 //! | `P{U}:gen` | the URI's generation, moved on by every invalidation | a day |
 //!
 //! Every operation is one Lua script (one round trip). Followers wait on keyspace notifications
@@ -46,10 +46,11 @@ use crate::Key;
 mod builder;
 mod health;
 mod local;
+mod nodes;
 mod scripts;
 mod waiter;
 
-pub use builder::{RedisBackendBuilder, RedisSetupError};
+pub use builder::{NodeKeyspaceEvents, RedisBackendBuilder, RedisSetupError};
 
 use local::LocalWindow;
 use scripts::{Script, Scripts};
@@ -149,6 +150,11 @@ struct RedisKeys {
     lock: String,
     fence: String,
     gen: String,
+}
+
+/// The name a write waits under for its own generation's notification.
+fn generation_waiter(uri: &str) -> String {
+    format!("gen:{uri}")
 }
 
 /// How long a URI's generation lives after its last invalidation. Safety does not depend on it:
@@ -554,8 +560,9 @@ impl Backend for RedisBackend {
     ) -> BackendFuture<'a, bool> {
         Box::pin(async move {
             let keys = self.keys(lease.key());
-            // The token ends with the URI's generation when the lease was taken.
-            let generation = lease.token().rsplit(':').next().unwrap_or("0");
+            // The token is `<fence>:<nonce>:<generation>`: the fence counter's value when the
+            // lease was taken, then the URI's generation.
+            let (owner, generation) = lease.token().rsplit_once(':').unwrap_or(("", "0"));
             let reply = self
                 .run(
                     "complete",
@@ -563,7 +570,7 @@ impl Backend for RedisBackend {
                     vec![keys.resp, keys.lock, keys.fence, keys.gen],
                     vec![
                         lease.token().into(),
-                        lease.fence().to_string().into(),
+                        owner.into(),
                         Value::Bytes(entry),
                         millis(keep),
                         generation.into(),
@@ -644,6 +651,12 @@ impl Backend for RedisBackend {
     fn invalidate<'a>(&'a self, key: &'a Key) -> BackendFuture<'a, ()> {
         Box::pin(async move {
             let keys = self.keys(key);
+            // Redis hands the generation's notification to every subscriber as it runs the
+            // script; waiting until this process's own subscriber has it means the others'
+            // have it on the wire too, so a request sent after the write's answer finds their
+            // copies dropped (unless their link to Redis is slower than the round trip).
+            let heard = self.inner.waiters.register(&generation_waiter(&keys.uri));
+            let armed = heard.armed();
             self.run(
                 "invalidate",
                 &self.inner.scripts.invalidate,
@@ -652,6 +665,9 @@ impl Backend for RedisBackend {
             )
             .await?;
             self.inner.local.forget_uri(&keys.uri);
+            if self.inner.health.alive() {
+                let _ = tokio::time::timeout(self.inner.command_timeout, armed).await;
+            }
             Ok(())
         })
     }

@@ -12,23 +12,27 @@ use fred::{
     types::{MultipleKeys, Value},
 };
 
-/// Defines `next_fence(fence_key, ttl_ms)`: increments the key's fencing counter and returns it as
-/// a string.
+/// Defines `next_fence(fence_key, ttl_ms, nonce)`: moves the key's fencing counter on and returns
+/// the new number as a string. The key holds `<number>:<nonce>`: the number and who took it.
 ///
 /// A missing counter starts at the server's clock in microseconds, not at 0: a counter that
 /// expired and was created again still only grows, so a fence number never repeats and a stale
-/// leader never passes for a later one, however short the counter's TTL.
+/// leader never passes for a later one, however short the counter's TTL. A replica promoted
+/// before it received the last increment hands the same number out again, but not the same
+/// nonce: the counter's owner, not only its number, decides whether a leader without its lock
+/// may still store (see `COMPLETE`). Numbers stay below 2^53, exact in Lua's doubles.
 macro_rules! next_fence_lua {
     () => {
         r"
-local function next_fence(fence_key, ttl_ms)
-  if redis.call('EXISTS', fence_key) == 0 then
+local function next_fence(fence_key, ttl_ms, nonce)
+  local n = tonumber(string.match(redis.call('GET', fence_key) or '', '^(%d+)'))
+  if not n then
     local now = redis.call('TIME')
-    redis.call('SET', fence_key, now[1] .. string.rep('0', 6 - #now[2]) .. now[2])
+    n = tonumber(now[1] .. string.rep('0', 6 - #now[2]) .. now[2])
   end
-  redis.call('INCR', fence_key)
-  redis.call('PEXPIRE', fence_key, ttl_ms)
-  return redis.call('GET', fence_key)
+  local fence = string.format('%.0f', n + 1)
+  redis.call('SET', fence_key, fence .. ':' .. nonce, 'PX', ttl_ms)
+  return fence
 end
 "
     };
@@ -72,7 +76,7 @@ if pttl ~= -2 then
   if value then return {'held', pttl, holder, value} end
   return {'held', pttl, holder}
 end
-local fence = next_fence(KEYS[3], ARGV[4])
+local fence = next_fence(KEYS[3], ARGV[4], ARGV[3])
 local token = fence .. ':' .. ARGV[3] .. ':' .. gen
 redis.call('SET', KEYS[2], token, 'PX', ARGV[2])
 if value then return {'acquired', fence, token, value} end
@@ -125,12 +129,13 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-/// KEYS: resp, lock, fence, gen. ARGV: token, fence, entry, keep ms, the URI's generation when
-/// the lease was taken. Returns 1 if stored, else 0.
+/// KEYS: resp, lock, fence, gen. ARGV: token, `<fence>:<nonce>` (the token's head), entry, keep
+/// ms, the URI's generation when the lease was taken. Returns 1 if stored, else 0.
 ///
 /// Stores if the URI was not invalidated since the lease was taken, and the caller still holds
-/// the lock, or nobody holds it and nobody acquired the key since the caller did (the fence is
-/// still the caller's). The caller's lock goes either way.
+/// the lock, or nobody holds it and nobody acquired the key since the caller did (the fence
+/// counter still names the caller: its number and its nonce, so a number handed out twice after
+/// a failover lost an increment does not let the older leader store). The caller's lock goes either way.
 const COMPLETE: &str = r"
 local lock = redis.call('GET', KEYS[2])
 local mine = lock == ARGV[1]
@@ -184,7 +189,9 @@ impl Script {
             .await
         {
             Err(error) if error.details().starts_with("NOSCRIPT") => {
-                let _: String = client.script_load(self.lua).await?;
+                // On every primary of a cluster (the key's node may be a new one), on the one
+                // server otherwise.
+                let _: String = client.script_load_cluster(self.lua).await?;
                 client.evalsha(self.sha.as_str(), keys, args).await
             }
             result => result,

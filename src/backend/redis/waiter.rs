@@ -1,7 +1,9 @@
-//! The keyspace-notification waiter: one subscriber connection per backend wakes every follower
-//! of the process whose key changed.
+//! The keyspace-notification waiter: one subscriber client per backend wakes every follower of the
+//! process whose key changed.
 //!
-//! The subscriber `PSUBSCRIBE`s once to every key under the prefix. A dispatcher task turns each
+//! The subscriber `PSUBSCRIBE`s to every key under the prefix, on every primary of a cluster
+//! (keyspace notifications are per node), and again on each new one after a failover or a
+//! resharding. A dispatcher task turns each
 //! notification that can end a wait (`set` on a `:resp` key, `del`, `expired` or `evicted` on a
 //! `:lock` key) into a wake-up of the waiters registered for that key's hash. Anything that may
 //! have lost notifications (the subscriber reconnected, the event stream lagged) or may end every
@@ -20,9 +22,13 @@ use super::{health::Health, local::LocalWindow};
 use dashmap::{mapref::entry::Entry, DashMap};
 use fred::{
     clients::{Client, SubscriberClient},
-    interfaces::{ClientLike, EventInterface, HeartbeatInterface, KeysInterface, PubsubInterface},
-    types::{config::Server, Expiration, KeyspaceEvent},
+    interfaces::{ClientLike, ClusterInterface, EventInterface, HeartbeatInterface, KeysInterface},
+    types::{
+        config::{Config, Server},
+        ClusterStateChange, Expiration, KeyspaceEvent,
+    },
 };
+use futures_util::future::join_all;
 use tokio::sync::{
     broadcast::{error::RecvError, Receiver},
     Notify,
@@ -179,13 +185,15 @@ pub(super) fn keyspace_patterns(db: u8, prefix: &str) -> Vec<String> {
         .into()
 }
 
-/// Event streams of both connections, taken before the subscriber subscribes so nothing after
-/// the acknowledgement is missed.
+/// Event streams of both clients, taken before the subscriber subscribes so nothing after the
+/// acknowledgement is missed.
 pub(super) struct Streams {
     keyspace: Receiver<KeyspaceEvent>,
     subscriber_reconnects: Receiver<Server>,
+    subscriber_topology: Receiver<Vec<ClusterStateChange>>,
     command_errors: Receiver<(fred::error::Error, Option<Server>)>,
     command_reconnects: Receiver<Server>,
+    command_topology: Receiver<Vec<ClusterStateChange>>,
 }
 
 impl Streams {
@@ -193,8 +201,10 @@ impl Streams {
         Self {
             keyspace: subscriber.keyspace_event_rx(),
             subscriber_reconnects: subscriber.reconnect_rx(),
+            subscriber_topology: subscriber.cluster_change_rx(),
             command_errors: client.error_rx(),
             command_reconnects: client.reconnect_rx(),
+            command_topology: client.cluster_change_rx(),
         }
     }
 }
@@ -302,6 +312,9 @@ pub(super) struct Dispatch {
     /// How long a connection may leave the canary unanswered (or unheard) before it is made
     /// again: it is half-open.
     pub(super) dead_after: Duration,
+    /// The URL's settings, for connections to replicas.
+    pub(super) config: Config,
+    pub(super) command_timeout: Duration,
 }
 
 /// Turns the connections' events into wake-ups, and keeps the canary flying, until the clients
@@ -310,7 +323,13 @@ pub(super) async fn dispatch(dispatch: Dispatch, streams: Streams) {
     // Separate loops, so that re-subscribing never delays hearing that the command connection
     // dropped, nor the canary.
     tokio::join!(
-        wake_on_notifications(&dispatch, streams.keyspace, streams.subscriber_reconnects),
+        wake_on_notifications(
+            &dispatch,
+            streams.keyspace,
+            streams.subscriber_reconnects,
+            streams.subscriber_topology,
+            streams.command_topology,
+        ),
         track_command_connection(
             &dispatch,
             streams.command_errors,
@@ -327,17 +346,12 @@ pub(super) async fn dispatch(dispatch: Dispatch, streams: Streams) {
 /// How often the subscriber connection is pinged.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
-/// Subscribes (acknowledged) to the keyspace patterns and the canary's channel, trying again with
-/// backoff until it succeeds or the client quits.
-pub(super) async fn subscribe(subscriber: &SubscriberClient, patterns: &[String], canary: &str) {
+/// Subscribes (acknowledged) to the keyspace patterns, the canaries' among them, on every primary,
+/// trying again with backoff until it succeeds or the client quits.
+pub(super) async fn subscribe(subscriber: &SubscriberClient, patterns: &[String]) {
     let mut pause = Duration::from_millis(50);
     loop {
-        let result = async {
-            subscriber.psubscribe(patterns.to_vec()).await?;
-            subscriber.subscribe(canary).await
-        }
-        .await;
-        match result {
+        match super::nodes::psubscribe_everywhere(subscriber, patterns).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?pause, "could not subscribe to keyspace notifications: parked requests poll Redis until it works");
@@ -352,6 +366,8 @@ async fn wake_on_notifications(
     dispatch: &Dispatch,
     mut keyspace: Receiver<KeyspaceEvent>,
     mut reconnects: Receiver<Server>,
+    mut topology: Receiver<Vec<ClusterStateChange>>,
+    mut command_topology: Receiver<Vec<ClusterStateChange>>,
 ) {
     let Dispatch {
         waiters,
@@ -364,14 +380,17 @@ async fn wake_on_notifications(
         tokio::select! {
             event = keyspace.recv() => match event {
                 Ok(event) => {
-                    if event.key.as_str() == Some(health.canary_key.as_str()) {
-                        health.heard_canary();
+                    if let Some(key) = event.key.as_str().filter(|key| health.is_canary(key)) {
+                        health.heard_canary(key);
                         continue;
                     }
                     let effect = effect(prefix, &event);
                     match &effect.forget {
                         Some(Ok(hash)) => local.forget(hash),
-                        Some(Err(uri)) => local.forget_uri(uri),
+                        Some(Err(uri)) => {
+                            local.forget_uri(uri);
+                            waiters.wake(&super::generation_waiter(uri));
+                        }
                         None => {}
                     }
                     if let Some(hash) = &effect.wake {
@@ -391,14 +410,50 @@ async fn wake_on_notifications(
                     local.clear();
                     // A new connection has no subscription: subscribe (acknowledged) before the
                     // waiters re-check, so whatever changes after their re-check is notified.
-                    subscribe(&dispatch.subscriber, &dispatch.patterns, &health.canary_channel).await;
+                    subscribe(&dispatch.subscriber, &dispatch.patterns).await;
                     local.clear();
                     waiters.wake_everyone();
                 }
                 Err(RecvError::Closed) => break,
             },
+            // A cluster's slots moved (a failover, a resharding), as either client found out: the
+            // subscriber learns the new primaries (the command client may have found out first,
+            // from a `MOVED`), subscribes on each of them, and every waiter re-checks, since a
+            // moved key's notifications come from another node from now on.
+            changed = topology.recv() => match changed {
+                Ok(_) | Err(RecvError::Lagged(_)) => follow_topology(dispatch, false).await,
+                Err(RecvError::Closed) => break,
+            },
+            changed = command_topology.recv() => match changed {
+                Ok(_) | Err(RecvError::Lagged(_)) => follow_topology(dispatch, true).await,
+                Err(RecvError::Closed) => break,
+            },
         }
     }
+}
+
+/// After a change of the cluster's topology: subscribed on every primary there is now, then every
+/// waiter re-checks and the local window starts again.
+async fn follow_topology(dispatch: &Dispatch, sync_subscriber: bool) {
+    let Dispatch {
+        waiters,
+        local,
+        health,
+        subscriber,
+        ..
+    } = dispatch;
+    tracing::debug!("the Redis cluster's topology changed: subscribing on every primary again");
+    health.lost();
+    local.clear();
+    if sync_subscriber {
+        let synced = tokio::time::timeout(dispatch.dead_after, subscriber.sync_cluster()).await;
+        if let Ok(Err(error)) = synced {
+            tracing::debug!(%error, "the subscriber could not read the cluster's slots");
+        }
+    }
+    subscribe(subscriber, &dispatch.patterns).await;
+    local.clear();
+    waiters.wake_everyone();
 }
 
 /// Writes the canary every quarter of the bound; when it has not been heard for a bound, drops
@@ -423,8 +478,15 @@ async fn fly_canary(dispatch: &Dispatch) {
         beat += 1;
         let expiry =
             Expiration::PX(i64::try_from(health.bound.as_millis() * 4).unwrap_or(i64::MAX));
-        let write = client.set::<(), _, _>(&health.canary_key, beat, Some(expiry), None, false);
-        if let Ok(Ok(())) = tokio::time::timeout(health.bound, write).await {
+        // One canary per primary, on a slot it owns: as the command client sees the cluster now.
+        let keys = super::nodes::canary_keys(client, health);
+        health.fly(keys.clone());
+        let writes = keys.iter().map(|key| {
+            let write = client.set::<(), _, _>(key, beat, Some(expiry.clone()), None, false);
+            tokio::time::timeout(health.bound, write)
+        });
+        let written = join_all(writes).await;
+        if written.iter().any(|write| matches!(write, Ok(Ok(())))) {
             dispatch.command_connection.answered();
             answered = Instant::now();
         }
@@ -460,7 +522,13 @@ async fn fly_canary(dispatch: &Dispatch) {
             && last_repair.is_none_or(|last| last.elapsed() >= REPAIR_EVERY)
         {
             last_repair = Some(Instant::now());
-            if let Err(error) = super::builder::turn_on_keyspace_events(client).await {
+            if let Err(error) = super::builder::turn_on_keyspace_events(
+                client,
+                &dispatch.config,
+                dispatch.command_timeout,
+            )
+            .await
+            {
                 tracing::debug!(%error, "could not turn the keyspace notifications back on");
             }
         }
@@ -495,14 +563,21 @@ async fn track_command_connection(
             reconnected = reconnects.recv() => match reconnected {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     command_connection.came_back();
-                    // A restarted Redis (or a new primary) may have lost the settings
-                    // `CONFIG SET` made: they are not persisted.
+                    // A restarted Redis (or a new primary: a failover, a Sentinel's switch)
+                    // may have lost the settings `CONFIG SET` made: they are not persisted.
+                    // Checked from a task of its own: a slow node must not delay hearing that
+                    // the connection dropped again.
                     if dispatch.enable_keyspace_events {
-                        if let Err(error) =
-                            super::builder::turn_on_keyspace_events(&dispatch.client).await
-                        {
-                            tracing::warn!(%error, "could not check the keyspace notifications after a reconnect");
-                        }
+                        let (client, config) = (dispatch.client.clone(), dispatch.config.clone());
+                        let timeout = dispatch.command_timeout;
+                        tokio::spawn(async move {
+                            if let Err(error) =
+                                super::builder::turn_on_keyspace_events(&client, &config, timeout)
+                                    .await
+                            {
+                                tracing::warn!(%error, "could not check the keyspace notifications after a reconnect");
+                            }
+                        });
                     }
                 }
                 Err(RecvError::Closed) => break,
