@@ -13,16 +13,32 @@
 //! Then the steady-state hit path with wrk: requests per second of a warm `/slow/{key}` against
 //! `/bare/{key}` with no work.
 //!
+//! Then steady load across TTL windows (issue 9; `--steady-only` runs it alone, in under a
+//! minute): 4 processes on the Redis per strategy, TTL 1 s, W = 300 ms, one key, requests at a
+//! fixed rate (400/s round-robin over the 4 ports) for 10 s, with no stale serving,
+//! stale-while-revalidate (`--stale-ms 5000`) and stale-while-revalidate with early refresh
+//! (`--early-refresh 1`), beside the hit path (the same load on a key that never expires). Handler
+//! runs from each process's `/stats`, how many ran at once from polling it, p50/p99/max latency
+//! and the p99 of every 100 ms over time.
+//!
+//! It writes `load-results.md`, `load-latency.svg` (the bursts) and `stale-latency.svg` (the
+//! steady load) into `--out` (default `docs`). A run that leaves a part out (`--steady-only`,
+//! `--no-steady`) keeps that part of the existing `load-results.md` as it was.
+//!
 //! Run it through `scripts/load`, which installs what it needs and builds in release mode:
 //! `cargo run --release --example load -- --help` lists the options.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -35,17 +51,24 @@ use tokio::{
 
 const USAGE: &str = "\
 usage: load [--requests N] [--work-ms W[,W...]] [--repeats R] [--ttl-ms T] [--wrk-seconds S]
+            [--steady-rate R] [--steady-seconds S] [--steady-only] [--no-steady]
             [--server PATH] [--out DIR] [--no-nginx] [--no-wrk]
 
-  --requests N      burst size, spread evenly over the 4 processes      (default 400)
-  --work-ms W,...   handler work per set of bursts, in milliseconds      (default 300,50)
-  --repeats R       bursts per strategy and work, each on a fresh key    (default 3)
-  --ttl-ms T        TTL window of the servers and of nginx's cache       (default 10000)
-  --wrk-seconds S   duration of each wrk run of the hit path             (default 5)
-  --server PATH     the server example binary         (default: next to this binary)
-  --out DIR         where results.md and latency.svg go                  (default results)
-  --no-nginx        skip the nginx strategy
-  --no-wrk          skip the hit-path measurement";
+  --requests N        burst size, spread evenly over the 4 processes      (default 400)
+  --work-ms W,...     handler work per set of bursts, in milliseconds      (default 300,50)
+  --repeats R         bursts per strategy and work, each on a fresh key    (default 3)
+  --ttl-ms T          TTL window of the servers and of nginx's cache       (default 10000)
+  --wrk-seconds S     duration of each wrk run of the hit path             (default 5)
+  --steady-rate R     steady load: requests per second over the 4 processes (default 400)
+  --steady-seconds S  steady load: how long each strategy is loaded, 1-20  (default 10)
+  --steady-only       run only the steady load (TTL 1 s, W = 300 ms) and rewrite only its
+                      section of load-results.md
+  --no-steady         skip the steady load (and keep its section of load-results.md)
+  --server PATH       the server example binary           (default: next to this binary)
+  --out DIR           where load-results.md, load-latency.svg and stale-latency.svg go
+                                                                            (default docs)
+  --no-nginx          skip the nginx strategy
+  --no-wrk            skip the hit-path measurement";
 
 const PROCESSES: usize = 4;
 const NO_COALESCING: &str = "no coalescing";
@@ -60,6 +83,10 @@ struct Options {
     repeats: usize,
     ttl_ms: u64,
     wrk_seconds: u64,
+    steady_rate: u64,
+    steady_seconds: u64,
+    bursts: bool,
+    steady: bool,
     server: PathBuf,
     out: PathBuf,
     nginx: bool,
@@ -74,8 +101,12 @@ fn parse_options() -> Result<Options, String> {
         repeats: 3,
         ttl_ms: 10_000,
         wrk_seconds: 5,
+        steady_rate: 400,
+        steady_seconds: 10,
+        bursts: true,
+        steady: true,
         server: exe.with_file_name("server"),
-        out: PathBuf::from("results"),
+        out: PathBuf::from("docs"),
         nginx: true,
         wrk: true,
     };
@@ -97,6 +128,13 @@ fn parse_options() -> Result<Options, String> {
             "--repeats" => options.repeats = number(value()?)? as usize,
             "--ttl-ms" => options.ttl_ms = number(value()?)?,
             "--wrk-seconds" => options.wrk_seconds = number(value()?)?,
+            "--steady-rate" => options.steady_rate = number(value()?)?,
+            "--steady-seconds" => options.steady_seconds = number(value()?)?,
+            "--steady-only" => {
+                options.bursts = false;
+                options.wrk = false;
+            }
+            "--no-steady" => options.steady = false,
             "--server" => options.server = PathBuf::from(value()?),
             "--out" => options.out = PathBuf::from(value()?),
             "--no-nginx" => options.nginx = false,
@@ -110,6 +148,16 @@ fn parse_options() -> Result<Options, String> {
     }
     if options.requests < PROCESSES || options.repeats == 0 || options.work_ms.is_empty() {
         return Err("--requests must be at least 4, --repeats and --work-ms non-empty".into());
+    }
+    if !options.bursts && !options.steady {
+        return Err("--steady-only and --no-steady leave nothing to run".into());
+    }
+    // Bounded: at most 20 s of load per strategy (under 2 minutes for the four), at most 2,000
+    // requests a second.
+    if !(1..=20).contains(&options.steady_seconds)
+        || !(PROCESSES as u64..=2_000).contains(&options.steady_rate)
+    {
+        return Err("--steady-seconds must be 1 to 20, --steady-rate 4 to 2000".into());
     }
     Ok(options)
 }
@@ -226,15 +274,27 @@ struct Fleet {
 }
 
 fn start_fleet(options: &Options, work_ms: u64, redis: Option<&str>) -> Result<Fleet, String> {
+    start_fleet_with(options, work_ms, options.ttl_ms, redis, &[])
+}
+
+/// A set of 4 server processes with this TTL and `extra` arguments.
+fn start_fleet_with(
+    options: &Options,
+    work_ms: u64,
+    ttl_ms: u64,
+    redis: Option<&str>,
+    extra: &[&str],
+) -> Result<Fleet, String> {
     let mut args = vec![
         "--work-ms".to_string(),
         work_ms.to_string(),
         "--ttl-ms".into(),
-        options.ttl_ms.to_string(),
+        ttl_ms.to_string(),
     ];
     if let Some(url) = redis {
         args.extend(["--redis".to_string(), url.to_string()]);
     }
+    args.extend(extra.iter().map(|arg| arg.to_string()));
     let mut fleet = Fleet {
         _children: Vec::new(),
         addrs: Vec::new(),
@@ -314,8 +374,8 @@ async fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value, Str
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
-    let (_, body) = get(&mut stream, addr, path).await?;
-    serde_json::from_slice(&body).map_err(|e| format!("{addr}{path}: not JSON: {e}"))
+    let reply = get(&mut stream, addr, path).await?;
+    serde_json::from_slice(&reply.body).map_err(|e| format!("{addr}{path}: not JSON: {e}"))
 }
 
 /// Handler runs across the fleet: the /slow handler's, or the /bare handler's.
@@ -357,11 +417,11 @@ async fn burst(targets: &[SocketAddr], path: &str, n: usize) -> Result<Vec<Answe
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let start = Instant::now();
-            let (status, body) = get(&mut stream, addr, &path).await?;
+            let reply = get(&mut stream, addr, &path).await?;
             Ok::<_, String>(Answer {
                 latency: start.elapsed(),
-                status,
-                body,
+                status: reply.status,
+                body: reply.body,
             })
         }));
     }
@@ -376,7 +436,7 @@ async fn burst(targets: &[SocketAddr], path: &str, n: usize) -> Result<Vec<Answe
 /// `GET path` on an open connection: plain HTTP/1.1, the only client the harness uses. Every
 /// request names one host, whichever server it reaches, as behind a load balancer: the layer's
 /// default key holds the authority.
-async fn get(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(u16, Bytes), String> {
+async fn get(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<Reply, String> {
     let request = format!("GET {path} HTTP/1.1\r\nhost: app.example\r\n\r\n");
     stream
         .write_all(request.as_bytes())
@@ -387,8 +447,16 @@ async fn get(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(u1
         .map_err(|e| format!("{addr}{path}: {e}"))
 }
 
+/// One HTTP/1.1 response: its status, its `x-parking` header (how the layer served it) and its
+/// body.
+struct Reply {
+    status: u16,
+    parking: Option<String>,
+    body: Bytes,
+}
+
 /// Reads one HTTP/1.1 response with a `content-length` (what the server and nginx send here).
-async fn read_response(stream: &mut TcpStream) -> Result<(u16, Bytes), String> {
+async fn read_response(stream: &mut TcpStream) -> Result<Reply, String> {
     let mut buffer = Vec::with_capacity(1024);
     let head_end = loop {
         if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -410,14 +478,16 @@ async fn read_response(stream: &mut TcpStream) -> Result<(u16, Bytes), String> {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("no status in {head:?}"))?;
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
+    let field = |wanted: &str| {
+        head.lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
+            name.eq_ignore_ascii_case(wanted).then(|| value.trim())
         })
+    };
+    let length: usize = field("content-length")
+        .and_then(|value| value.parse().ok())
         .ok_or_else(|| format!("no content-length in {head:?}"))?;
+    let parking = field("x-parking").map(str::to_owned);
     while buffer.len() < head_end + length {
         if stream
             .read_buf(&mut buffer)
@@ -428,10 +498,11 @@ async fn read_response(stream: &mut TcpStream) -> Result<(u16, Bytes), String> {
             return Err("connection closed before the end of the body".into());
         }
     }
-    Ok((
+    Ok(Reply {
         status,
-        Bytes::copy_from_slice(&buffer[head_end..head_end + length]),
-    ))
+        parking,
+        body: Bytes::copy_from_slice(&buffer[head_end..head_end + length]),
+    })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -509,11 +580,65 @@ async fn run(options: Options) -> Result<(), String> {
     let (_redis, redis_url) = start_redis(&dir).await?;
     println!("redis-server at {redis_url}; {PROCESSES} server processes per strategy, {WORKER_THREADS} worker threads each");
 
+    let bursts = match options.bursts {
+        true => Some(run_bursts(&options, &redis_url, &dir).await?),
+        false => None,
+    };
+    let steady = match options.steady {
+        true => Some(run_steady(&options, &redis_url).await?),
+        false => None,
+    };
+
+    std::fs::create_dir_all(&options.out).map_err(|e| e.to_string())?;
+    let results = options.out.join("load-results.md");
+    // The parts this run left out stay as the last run that measured them wrote them.
+    let existing = std::fs::read_to_string(&results).unwrap_or_default();
+    let (kept_bursts, kept_steady) = split_report(&existing);
+    let mut written = vec![results.clone()];
+    let bursts_part = match &bursts {
+        Some((runs, hit_path)) => {
+            let svg = options.out.join("load-latency.svg");
+            std::fs::write(&svg, plot(runs, &options.work_ms)).map_err(|e| e.to_string())?;
+            written.push(svg);
+            report(&options, runs, hit_path.as_ref())
+        }
+        None => kept_bursts,
+    };
+    let steady_part = match &steady {
+        Some(strategies) => {
+            let svg = options.out.join("stale-latency.svg");
+            std::fs::write(&svg, steady_plot(&options, strategies)).map_err(|e| e.to_string())?;
+            written.push(svg);
+            Some(steady_report(&options, strategies))
+        }
+        None => kept_steady,
+    };
+    let mut file = bursts_part.trim_end().to_string();
+    if let Some(steady_part) = steady_part {
+        if !file.is_empty() {
+            file.push_str("\n\n");
+        }
+        file.push_str(steady_part.trim_end());
+    }
+    file.push('\n');
+    std::fs::write(&results, &file).map_err(|e| e.to_string())?;
+    println!("\n{file}");
+    let written: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("written: {}", written.join(", "));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The bursts on cold keys, then the hit path with wrk.
+async fn run_bursts(
+    options: &Options,
+    redis_url: &str,
+    dir: &Path,
+) -> Result<(Vec<Run>, Option<HitPath>), String> {
     let mut runs = Vec::new();
-    let mut hit_path = None;
     for &work_ms in &options.work_ms {
-        let memory = start_fleet(&options, work_ms, None)?;
-        let redis = start_fleet(&options, work_ms, Some(&redis_url))?;
+        let memory = start_fleet(options, work_ms, None)?;
+        let redis = start_fleet(options, work_ms, Some(redis_url))?;
         let nginx_dir = dir.join(format!("nginx-{work_ms}"));
         std::fs::create_dir_all(&nginx_dir).map_err(|e| e.to_string())?;
         let nginx = match options.nginx {
@@ -580,23 +705,11 @@ async fn run(options: Options) -> Result<(), String> {
         drop((memory, redis));
     }
 
-    if options.wrk {
-        hit_path = Some(measure_hit_path(&options, &redis_url).await?);
-    }
-
-    std::fs::create_dir_all(&options.out).map_err(|e| e.to_string())?;
-    let report = report(&options, &runs, hit_path.as_ref());
-    let svg = plot(&runs, &options.work_ms);
-    std::fs::write(options.out.join("results.md"), &report).map_err(|e| e.to_string())?;
-    std::fs::write(options.out.join("latency.svg"), svg).map_err(|e| e.to_string())?;
-    println!("\n{report}");
-    println!(
-        "written: {}/results.md, {}/latency.svg",
-        options.out.display(),
-        options.out.display()
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    let hit_path = match options.wrk {
+        true => Some(measure_hit_path(options, redis_url).await?),
+        false => None,
+    };
+    Ok((runs, hit_path))
 }
 
 fn unique() -> u128 {
@@ -864,6 +977,784 @@ fn plot(runs: &[Run], work: &[u64]) -> String {
             ly - 6.0,
             COLORS[i % COLORS.len()],
             lx + 20.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steady load across TTL windows (issue 9): stale-while-revalidate and early refresh.
+
+/// The steady load's TTL and work: a window short enough that 10 s cross several of them.
+const STEADY_TTL_MS: u64 = 1_000;
+const STEADY_WORK_MS: u64 = 300;
+/// How often each process's `/stats` is read to see when runs start.
+const STATS_EVERY: Duration = Duration::from_millis(5);
+/// The width of a bucket of the p99-over-time plot.
+const BUCKET_MS: u64 = 100;
+/// No request of the steady load waits longer than this for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections opened to each process before the load; more are opened if these are all busy.
+const CONNECTIONS_PER_PROCESS: usize = 40;
+/// The hit-path reference: the first steady strategy, on a key that does not expire.
+const HIT_PATH: &str = "hit path (no expiry)";
+
+/// One steady-load strategy: a fleet started with these arguments.
+struct SteadyStrategy {
+    name: &'static str,
+    ttl_ms: u64,
+    args: &'static [&'static str],
+    color: &'static str,
+    /// Whether it serves stale responses: the targets apply to it.
+    stale: bool,
+}
+
+const STEADY_STRATEGIES: [SteadyStrategy; 4] = [
+    SteadyStrategy {
+        name: HIT_PATH,
+        // Ten minutes: every request of the load is a hit.
+        ttl_ms: 600_000,
+        args: &[],
+        color: "#7f7f7f",
+        stale: false,
+    },
+    SteadyStrategy {
+        name: "no stale serving",
+        ttl_ms: STEADY_TTL_MS,
+        args: &[],
+        color: "#d62728",
+        stale: false,
+    },
+    SteadyStrategy {
+        name: "stale-while-revalidate",
+        ttl_ms: STEADY_TTL_MS,
+        args: &["--stale-ms", "5000"],
+        color: "#2ca02c",
+        stale: true,
+    },
+    SteadyStrategy {
+        name: "stale-while-revalidate + early refresh",
+        ttl_ms: STEADY_TTL_MS,
+        args: &["--stale-ms", "5000", "--early-refresh", "1"],
+        color: "#1f77b4",
+        stale: true,
+    },
+];
+
+/// Idle keep-alive connections to one process, shared by the requests of the steady load.
+struct Pool {
+    addr: SocketAddr,
+    idle: Mutex<Vec<TcpStream>>,
+    opened: AtomicUsize,
+}
+
+impl Pool {
+    async fn new(addr: SocketAddr, size: usize) -> Result<Self, String> {
+        let pool = Pool {
+            addr,
+            idle: Mutex::new(Vec::with_capacity(size)),
+            opened: AtomicUsize::new(0),
+        };
+        for _ in 0..size {
+            let stream = pool.connect().await?;
+            pool.give_back(stream);
+        }
+        Ok(pool)
+    }
+
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("{}: {e}", self.addr))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    /// An idle connection, or a new one when every connection is busy.
+    async fn take(&self) -> Result<TcpStream, String> {
+        let idle = self.lock().pop();
+        match idle {
+            Some(stream) => Ok(stream),
+            None => self.connect().await,
+        }
+    }
+
+    fn give_back(&self, stream: TcpStream) {
+        self.lock().push(stream);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<TcpStream>> {
+        // Never held across an await; a poisoned lock still holds sound connections.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One request of the steady load.
+struct Sample {
+    /// When it was sent, from the start of the load.
+    at: Duration,
+    /// Its latency, from just before it took a connection to the end of its body.
+    latency: Duration,
+    /// How far behind its schedule the client sent it.
+    lag: Duration,
+    reply: Result<Reply, String>,
+}
+
+/// One strategy's steady load.
+struct SteadyRun {
+    strategy: &'static SteadyStrategy,
+    samples: Vec<Sample>,
+    /// Latencies of the answered requests, in milliseconds, sorted.
+    latencies: Vec<f64>,
+    /// Handler runs across the fleet during the load (from `/stats`, before and after).
+    handler_runs: u64,
+    /// The handler runs polling `/stats` saw start during the load, in order of start.
+    runs: Vec<HandlerRun>,
+    /// The priming request's latency (the first window's miss), in milliseconds.
+    prime_ms: f64,
+    /// Connections the client opened in all.
+    connections: usize,
+}
+
+impl SteadyRun {
+    fn p(&self, p: f64) -> f64 {
+        match self.latencies.is_empty() {
+            true => f64::NAN,
+            false => percentile(&self.latencies, p),
+        }
+    }
+
+    fn errors(&self) -> usize {
+        self.samples
+            .iter()
+            .filter(|s| !matches!(&s.reply, Ok(reply) if reply.status == 200))
+            .count()
+    }
+
+    /// How many answers the layer served each way (`x-parking`).
+    fn outcomes(&self) -> BTreeMap<String, usize> {
+        let mut outcomes = BTreeMap::new();
+        for sample in &self.samples {
+            if let Ok(reply) = &sample.reply {
+                let outcome = reply.parking.clone().unwrap_or_else(|| "none".into());
+                *outcomes.entry(outcome).or_insert(0) += 1;
+            }
+        }
+        outcomes
+    }
+
+    /// Answers that waited for a handler run: its leader's (`miss`) and those parked on it.
+    fn waited_for_a_run(&self) -> usize {
+        let outcomes = self.outcomes();
+        ["miss", "parked", "coalesced", "timeout"]
+            .iter()
+            .map(|o| outcomes.get(*o).copied().unwrap_or(0))
+            .sum()
+    }
+
+    fn at_least_work(&self) -> usize {
+        self.latencies
+            .iter()
+            .filter(|&&ms| ms >= STEADY_WORK_MS as f64)
+            .count()
+    }
+
+    /// Pairs of runs that certainly ran at once: each began before the other could have ended
+    /// (a run lasts at least W).
+    fn proven_overlaps(&self) -> usize {
+        let work = Duration::from_millis(STEADY_WORK_MS);
+        let mut pairs = 0;
+        for (i, a) in self.runs.iter().enumerate() {
+            for b in &self.runs[i + 1..] {
+                if b.started.1 < a.started.0 + work && a.started.1 < b.started.0 + work {
+                    pairs += 1;
+                }
+            }
+        }
+        pairs
+    }
+
+    /// Of the pairs of consecutive runs, how many are proven apart (the earlier one's response
+    /// was answered before the later one could have begun), and how many pairs there are. All
+    /// of them proven apart: never two runs at once.
+    fn proven_apart(&self) -> (usize, usize) {
+        let apart = self
+            .runs
+            .windows(2)
+            .filter(|pair| {
+                pair[0]
+                    .landed
+                    .is_some_and(|landed| landed <= pair[1].started.0)
+            })
+            .count();
+        (apart, self.runs.len().saturating_sub(1))
+    }
+
+    /// What the table says about runs at once.
+    fn at_once(&self) -> String {
+        let overlaps = self.proven_overlaps();
+        let (apart, pairs) = self.proven_apart();
+        match (overlaps, pairs) {
+            (0, 0) => "never (one run or none)".into(),
+            (0, _) if apart == pairs => format!("never ({apart} of {pairs} pairs proven apart)"),
+            (0, _) => format!(
+                "none proven ({apart} of {pairs} pairs proven apart, {} within the polling step)",
+                pairs - apart
+            ),
+            (overlaps, _) => format!("**{overlaps} pairs**"),
+        }
+    }
+
+    /// The median time from a run's response first reaching a client to the next run's start
+    /// (its polled midpoint).
+    fn median_idle(&self) -> Option<f64> {
+        let mut idle: Vec<f64> = self
+            .runs
+            .windows(2)
+            .filter_map(|pair| {
+                let landed = pair[0].landed?;
+                Some((pair[1].start().as_secs_f64() - landed.as_secs_f64()) * 1_000.0)
+            })
+            .collect();
+        idle.sort_by(f64::total_cmp);
+        (!idle.is_empty()).then(|| percentile(&idle, 50.0))
+    }
+
+    /// The shortest time between two runs' starts (their polled midpoints).
+    fn min_gap(&self) -> Option<Duration> {
+        self.runs
+            .windows(2)
+            .map(|pair| pair[1].start().saturating_sub(pair[0].start()))
+            .min()
+    }
+
+    fn max_lag(&self) -> Duration {
+        self.samples.iter().map(|s| s.lag).max().unwrap_or_default()
+    }
+
+    /// The p99 latency of the requests sent in each `BUCKET_MS` of the load.
+    fn p99_per_bucket(&self, seconds: u64) -> Vec<Option<f64>> {
+        let buckets = (seconds * 1_000 / BUCKET_MS) as usize;
+        let mut per_bucket = vec![Vec::new(); buckets];
+        for sample in self.samples.iter().filter(|s| s.reply.is_ok()) {
+            let bucket = (sample.at.as_millis() as u64 / BUCKET_MS) as usize;
+            if let Some(latencies) = per_bucket.get_mut(bucket.min(buckets - 1)) {
+                latencies.push(sample.latency.as_secs_f64() * 1_000.0);
+            }
+        }
+        per_bucket
+            .into_iter()
+            .map(|mut latencies| {
+                latencies.sort_by(f64::total_cmp);
+                (!latencies.is_empty()).then(|| percentile(&latencies, 99.0))
+            })
+            .collect()
+    }
+}
+
+/// Every steady strategy in turn, each on a fleet of its own and a key of its own.
+async fn run_steady(options: &Options, redis_url: &str) -> Result<Vec<SteadyRun>, String> {
+    let began = Instant::now();
+    println!(
+        "\nsteady load: {} requests/s over {PROCESSES} processes for {} s per strategy, TTL {STEADY_TTL_MS} ms, W = {STEADY_WORK_MS} ms",
+        options.steady_rate, options.steady_seconds
+    );
+    let mut runs = Vec::new();
+    for strategy in &STEADY_STRATEGIES {
+        let run = steady_load(options, redis_url, strategy).await?;
+        println!(
+            "{:<40} handler runs {:>2}  at once: {}  p50 {:>6.1}  p99 {:>6.1}  max {:>6.1} ms  waited for a run {:>4}  >= W {:>4}  errors {}",
+            strategy.name,
+            run.handler_runs,
+            run.at_once(),
+            run.p(50.0),
+            run.p(99.0),
+            run.p(100.0),
+            run.waited_for_a_run(),
+            run.at_least_work(),
+            run.errors()
+        );
+        runs.push(run);
+    }
+    println!("steady load done in {:.1} s", began.elapsed().as_secs_f64());
+    Ok(runs)
+}
+
+async fn steady_load(
+    options: &Options,
+    redis_url: &str,
+    strategy: &'static SteadyStrategy,
+) -> Result<SteadyRun, String> {
+    let fleet = start_fleet_with(
+        options,
+        STEADY_WORK_MS,
+        strategy.ttl_ms,
+        Some(redis_url),
+        strategy.args,
+    )?;
+    let mut pools = Vec::with_capacity(PROCESSES);
+    for addr in &fleet.addrs {
+        pools.push(Arc::new(Pool::new(*addr, CONNECTIONS_PER_PROCESS).await?));
+    }
+    let path = format!("/slow/steady-{}", unique());
+
+    // The first window: one miss primes the key, then a hit through every other process (their
+    // first Redis round trips), outside the figures.
+    let prime = Instant::now();
+    let reply = get_json(fleet.addrs[0], &path).await?;
+    let prime_ms = prime.elapsed().as_secs_f64() * 1_000.0;
+    if reply["work_ms"] != STEADY_WORK_MS {
+        return Err(format!("{path}: unexpected answer {reply}"));
+    }
+    for addr in &fleet.addrs[1..] {
+        get_json(*addr, &path).await?;
+    }
+
+    let before = executions(&fleet, "executions").await?;
+    let total = options.steady_rate * options.steady_seconds;
+    let period = Duration::from_secs(1).div_f64(options.steady_rate as f64);
+    let load_for = Duration::from_secs(options.steady_seconds);
+    // A run that starts at the very end still shows in /stats when this much later.
+    let drain = Duration::from_millis(STEADY_WORK_MS + 200);
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_runs(
+        fleet.addrs.clone(),
+        start,
+        start + load_for + drain + REQUEST_TIMEOUT,
+        Arc::clone(&stop),
+    ));
+
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let scheduled = start + period.mul_f64(i as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let pool = Arc::clone(&pools[i as usize % PROCESSES]);
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let request = async {
+                let mut stream = pool.take().await?;
+                let reply = get(&mut stream, pool.addr, &path).await?;
+                pool.give_back(stream);
+                Ok::<_, String>(reply)
+            };
+            let reply = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+                Ok(reply) => reply,
+                Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
+            };
+            Sample {
+                at: sent - start,
+                latency: sent.elapsed(),
+                lag: sent.saturating_duration_since(scheduled),
+                reply,
+            }
+        }));
+    }
+    let mut samples = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        samples.push(task.await.map_err(|e| e.to_string())?);
+    }
+    let until = start + load_for + drain;
+    tokio::time::sleep_until(until.into()).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut runs = watcher.await.map_err(|e| e.to_string())??;
+    let after = executions(&fleet, "executions").await?;
+
+    // A run has certainly ended once any client has its response: the body names its process
+    // and its number there.
+    let mut landed: BTreeMap<(u64, u64), Duration> = BTreeMap::new();
+    for sample in &samples {
+        let Ok(reply) = &sample.reply else { continue };
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&reply.body) else {
+            continue;
+        };
+        if let (Some(pid), Some(execution)) = (body["pid"].as_u64(), body["execution"].as_u64()) {
+            let answered = sample.at + sample.latency;
+            let first = landed.entry((pid, execution)).or_insert(answered);
+            *first = answered.min(*first);
+        }
+    }
+    for run in &mut runs {
+        run.landed = landed.get(&(run.pid, run.execution)).copied();
+    }
+    runs.sort_by_key(|run| run.started);
+
+    let mut latencies: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.reply.is_ok())
+        .map(|s| s.latency.as_secs_f64() * 1_000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    Ok(SteadyRun {
+        strategy,
+        samples,
+        latencies,
+        handler_runs: after - before,
+        runs,
+        prime_ms,
+        connections: pools.iter().map(|p| p.opened.load(Ordering::Relaxed)).sum(),
+    })
+}
+
+/// A handler run, as the client saw it.
+struct HandlerRun {
+    pid: u64,
+    /// Its number in its process (`execution` in its body).
+    execution: u64,
+    /// It began after the first and at the latest at the second, from the start of the load:
+    /// after the last read of `/stats` that did not count it was sent, by the time the first
+    /// that did was answered.
+    started: (Duration, Duration),
+    /// When a client first had its response: it had ended by then.
+    landed: Option<Duration>,
+}
+
+impl HandlerRun {
+    /// The middle of the time it may have begun in.
+    fn start(&self) -> Duration {
+        self.started.0 + (self.started.1 - self.started.0) / 2
+    }
+}
+
+/// Reads every process's `/stats` every `STATS_EVERY` until `stop` (or `deadline`), and returns
+/// the handler runs that began meanwhile: the handler counts its run as it begins, so a count
+/// that went up between two reads is a run that began between them.
+async fn watch_runs(
+    addrs: Vec<SocketAddr>,
+    start: Instant,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<HandlerRun>, String> {
+    let mut streams = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        streams.push(
+            TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("{addr}: {e}"))?,
+        );
+    }
+    // Per process: the last count read, and when the read that found it was sent.
+    let mut last: Vec<Option<(u64, Instant)>> = vec![None; addrs.len()];
+    let mut runs = Vec::new();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        for (i, (stream, addr)) in streams.iter_mut().zip(&addrs).enumerate() {
+            let sent = Instant::now();
+            let reply = get(stream, *addr, "/stats").await?;
+            let read = Instant::now();
+            let stats: serde_json::Value = serde_json::from_slice(&reply.body)
+                .map_err(|e| format!("{addr}/stats: not JSON: {e}"))?;
+            let (Some(count), Some(pid)) = (stats["executions"].as_u64(), stats["pid"].as_u64())
+            else {
+                return Err(format!(
+                    "{addr}/stats has no `executions` or `pid`: {stats}"
+                ));
+            };
+            if let Some((before, previous)) = last[i] {
+                for execution in before + 1..=count {
+                    runs.push(HandlerRun {
+                        pid,
+                        execution,
+                        started: (
+                            previous.saturating_duration_since(start),
+                            read.saturating_duration_since(start),
+                        ),
+                        landed: None,
+                    });
+                }
+            }
+            last[i] = Some((count, sent));
+        }
+        next += STATS_EVERY;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    Ok(runs)
+}
+
+const STEADY_BEGIN: &str =
+    "<!-- steady load: begin (written by `scripts/load`; `scripts/load --steady-only` rewrites only this part) -->";
+const STEADY_END: &str = "<!-- steady load: end -->";
+
+/// The existing report, split into the bursts' part and the steady load's (markers included).
+fn split_report(existing: &str) -> (String, Option<String>) {
+    let Some(begin) = existing.find("<!-- steady load: begin") else {
+        return (existing.to_string(), None);
+    };
+    let end = existing[begin..]
+        .find(STEADY_END)
+        .map_or(existing.len(), |end| begin + end + STEADY_END.len());
+    let outside = format!("{}{}", &existing[..begin], &existing[end..]);
+    (outside, Some(existing[begin..end].to_string()))
+}
+
+fn steady_report(options: &Options, runs: &[SteadyRun]) -> String {
+    let seconds = options.steady_seconds;
+    let windows = seconds * 1_000 / STEADY_TTL_MS;
+    let mut out = String::new();
+    let _ = writeln!(out, "{STEADY_BEGIN}\n");
+    let _ = writeln!(
+        out,
+        "## Steady load across TTL windows: stale-while-revalidate and early refresh\n"
+    );
+    let _ = writeln!(
+        out,
+        "Machine: {}. Command: `scripts/load --steady-only` (this section alone; `scripts/load` runs it after the bursts). Per strategy, {PROCESSES} server \
+         processes ({WORKER_THREADS} worker threads each) on one Redis, TTL {STEADY_TTL_MS} ms, \
+         work W = {STEADY_WORK_MS} ms, one key, {} requests/s sent at fixed times round-robin over \
+         the {PROCESSES} processes for {seconds} s ({} requests). A request's latency runs from just \
+         before it takes a keep-alive connection (a new one when all are busy, so a slow answer \
+         never holds back the next request) to the end of its body. Before the load, one miss \
+         primes the key (the first window: W, outside the figures) and one hit goes through each \
+         other process. The hit path: the same load on a key whose TTL (10 min) never runs out. \
+         Handler runs: the fleet's `executions` in `/stats` before and {} ms after the load. \
+         Runs at once: every process's `/stats` is read every {} ms, so a run is known to have \
+         begun between two reads; it has ended by the time a client first gets its response \
+         (its body names its process and number), and not before W after it began. Two runs \
+         are proven apart when the first one's response reached a client before the read \
+         preceding the second one's start; proven at once when each began before the other \
+         could have ended. Gap: between the midpoints of consecutive runs' starts. Waited for a \
+         run: answers with `x-parking` `miss`, `parked` or `coalesced`; ≥ W: answers that took \
+         W or longer.\n",
+        machine(),
+        options.steady_rate,
+        options.steady_rate * seconds,
+        STEADY_WORK_MS + 200,
+        STATS_EVERY.as_millis(),
+    );
+    let _ = writeln!(
+        out,
+        "| strategy | handler runs ({windows} TTL windows) | two runs at once | shortest gap between runs | p50 | p99 | max | hit | stale | waited for a run | ≥ W | errors |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for run in runs {
+        let outcomes = run.outcomes();
+        let count = |o: &str| outcomes.get(o).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {} | {} |",
+            run.strategy.name,
+            run.handler_runs,
+            run.at_once(),
+            run.min_gap()
+                .map_or("–".into(), |gap| format!("{} ms", gap.as_millis())),
+            run.p(50.0),
+            run.p(99.0),
+            run.p(100.0),
+            count("hit"),
+            count("stale"),
+            run.waited_for_a_run(),
+            run.at_least_work(),
+            run.errors(),
+        );
+    }
+    let hit_p99 = runs
+        .iter()
+        .find(|r| r.strategy.name == HIT_PATH)
+        .map_or(f64::NAN, |r| r.p(99.0));
+    let _ = writeln!(
+        out,
+        "\nTargets, with stale serving: p99 over the whole run within 5 ms of the hit path's \
+         ({hit_p99:.1} ms), no request waiting W after the first window, and runs one per TTL \
+         window at most ({windows} in {seconds} s), never two at once across processes.\n"
+    );
+    for run in runs.iter().filter(|r| r.strategy.stale) {
+        let p99 = run.p(99.0);
+        let within = p99 - hit_p99 <= 5.0;
+        let no_wait = run.waited_for_a_run() == 0 && run.at_least_work() == 0;
+        let one_per_window = run.handler_runs <= windows;
+        let (apart, pairs) = run.proven_apart();
+        let at_once = match (run.proven_overlaps(), apart == pairs) {
+            (0, true) => "met",
+            (0, false) => "not proven",
+            _ => "**not met**",
+        };
+        let verdict = |met: bool| if met { "met" } else { "**not met**" };
+        let _ = writeln!(
+            out,
+            "- {}: p99 {p99:.1} ms, {:+.1} ms from the hit path's: {}; {} requests waited for \
+             a run, {} took W or more (max {:.1} ms): {}; {} runs in {windows} windows: {} (the \
+             next run began a median {} after a run's response was first served); two runs at \
+             once: {}, {}.",
+            run.strategy.name,
+            p99 - hit_p99,
+            verdict(within),
+            run.waited_for_a_run(),
+            run.at_least_work(),
+            run.p(100.0),
+            verdict(no_wait),
+            run.handler_runs,
+            verdict(one_per_window),
+            run.median_idle()
+                .map_or("–".into(), |ms| format!("{ms:.0} ms")),
+            run.at_once(),
+            at_once,
+        );
+    }
+    let lag = runs.iter().map(|r| r.max_lag()).max().unwrap_or_default();
+    let primes: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.prime_ms)).collect();
+    let connections: Vec<String> = runs.iter().map(|r| r.connections.to_string()).collect();
+    let _ = writeln!(
+        out,
+        "\nThe client sent every request at most {:.1} ms behind its schedule; it opened {} \
+         connections per strategy (in table order); the priming misses took {} ms.\n",
+        lag.as_secs_f64() * 1_000.0,
+        connections.join(", "),
+        primes.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "![p99 latency per {BUCKET_MS} ms over the steady load, per strategy](stale-latency.svg)\n"
+    );
+    let _ = writeln!(out, "{STEADY_END}");
+    out
+}
+
+/// The p99 latency of every `BUCKET_MS` of the load over time, one curve per strategy, on a log
+/// axis (the sawtooth of W without stale serving, flat at the hit path's with it), and below it
+/// every handler run, from where polling saw it start to when a client first had its response.
+fn steady_plot(options: &Options, runs: &[SteadyRun]) -> String {
+    let seconds = options.steady_seconds;
+    let (w, h, left, top) = (900.0, 340.0, 70.0, 50.0);
+    let lane = 16.0;
+    let lanes_top = top + h + 62.0;
+    let width = left + w + 30.0;
+    let height = lanes_top + lane * runs.len() as f64 + 30.0 + 18.0 * runs.len() as f64;
+    let series: Vec<Vec<Option<f64>>> = runs.iter().map(|r| r.p99_per_bucket(seconds)).collect();
+    let values = series.iter().flatten().flatten().copied();
+    let (min, max) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    let lo = if min.is_finite() {
+        min.max(0.01).log10().floor()
+    } else {
+        -1.0
+    };
+    let hi = (max.max(STEADY_WORK_MS as f64) * 1.5).log10();
+    let x = |ms: f64| left + ms / (seconds as f64 * 1_000.0) * w;
+    let y = |ms: f64| top + h - (ms.max(10f64.powf(lo)).log10() - lo) / (hi - lo) * h;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"{left}\" y=\"{}\" font-size=\"14\" font-weight=\"bold\">p99 latency per {BUCKET_MS} ms \
+         of steady load ({} requests/s over {PROCESSES} processes, TTL {STEADY_TTL_MS} ms, W = {STEADY_WORK_MS} ms)</text>",
+        top - 20.0,
+        options.steady_rate
+    );
+    let _ = writeln!(
+        svg,
+        "<rect x=\"{left}\" y=\"{top}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#888\"/>"
+    );
+    let mut decade = 10f64.powf(lo);
+    while decade <= 10f64.powf(hi) {
+        for step in [1.0, 2.0, 5.0] {
+            let ms = decade * step;
+            if (lo..=hi).contains(&ms.log10()) {
+                let _ = writeln!(
+                    svg,
+                    "<line x1=\"{left}\" x2=\"{0}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#eee\"/>\
+                     <text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{ms}</text>",
+                    left + w,
+                    y(ms),
+                    left - 5.0,
+                    y(ms) + 4.0
+                );
+            }
+        }
+        decade *= 10.0;
+    }
+    for second in 0..=seconds {
+        let sx = x(second as f64 * 1_000.0);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{sx:.1}\" x2=\"{sx:.1}\" y1=\"{top}\" y2=\"{}\" stroke=\"#eee\"/>\
+             <text x=\"{sx:.1}\" y=\"{}\" text-anchor=\"middle\">{second}</text>",
+            top + h,
+            top + h + 15.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" x2=\"{0}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#444\" stroke-dasharray=\"4 4\"/>\
+         <text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">W = {STEADY_WORK_MS} ms</text>",
+        left + w,
+        y(STEADY_WORK_MS as f64),
+        left + w - 4.0,
+        y(STEADY_WORK_MS as f64) - 4.0
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">time since the load began, s (p99 of the requests sent in each {BUCKET_MS} ms; latency, ms, log scale)</text>",
+        left + w / 2.0,
+        top + h + 32.0
+    );
+    for (run, points) in runs.iter().zip(&series) {
+        let points: Vec<String> = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p99)| {
+                let mid = (i as f64 + 0.5) * BUCKET_MS as f64;
+                p99.map(|ms| format!("{:.1},{:.1}", x(mid), y(ms)))
+            })
+            .collect();
+        let dash = match run.strategy.name == HIT_PATH {
+            true => " stroke-dasharray=\"6 3\"",
+            false => "",
+        };
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+            run.strategy.color,
+            points.join(" ")
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{left}\" y=\"{}\">handler runs, from where polling /stats saw each start to when a client first had its response:</text>",
+        lanes_top - 6.0
+    );
+    for (i, run) in runs.iter().enumerate() {
+        let ly = lanes_top + i as f64 * lane;
+        for handler_run in &run.runs {
+            let from = handler_run.start().as_secs_f64() * 1_000.0;
+            let to = handler_run
+                .landed
+                .map_or(from + STEADY_WORK_MS as f64, |landed| {
+                    landed.as_secs_f64() * 1_000.0
+                })
+                .min(seconds as f64 * 1_000.0);
+            if from < seconds as f64 * 1_000.0 {
+                let _ = writeln!(
+                    svg,
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\" fill-opacity=\"0.6\"/>",
+                    x(from),
+                    ly + 2.0,
+                    x(to) - x(from),
+                    lane - 4.0,
+                    run.strategy.color
+                );
+            }
+        }
+    }
+    let legend_top = lanes_top + lane * runs.len() as f64 + 20.0;
+    for (i, run) in runs.iter().enumerate() {
+        let ly = legend_top + i as f64 * 18.0;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{left}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/><text x=\"{}\" y=\"{ly}\">{} \
+             (p99 {:.1} ms, max {:.1} ms, {} handler runs)</text>",
+            ly - 6.0,
+            run.strategy.color,
+            left + 20.0,
+            run.strategy.name,
+            run.p(99.0),
+            run.p(100.0),
+            run.handler_runs
         );
     }
     svg.push_str("</svg>\n");
