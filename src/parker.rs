@@ -454,12 +454,20 @@ impl<V: Value> Inner<V> {
                     }
                 }
             };
-            let outcome = if waited {
-                Outcome::Parked
-            } else {
-                Outcome::Hit
-            };
             let opened = Stamp::open(&entry);
+            let outcome = match &opened {
+                // A value that was fresh once and no longer is: the leader's stale stand-in for
+                // a run that failed.
+                Some((stamp, _))
+                    if waited
+                        && stamp.fresh_until > stamp.stored_at
+                        && !stamp.is_fresh(clock::now()) =>
+                {
+                    Outcome::Stale
+                }
+                _ if waited => Outcome::Parked,
+                _ => Outcome::Hit,
+            };
             let early = opened
                 .as_ref()
                 .is_some_and(|(stamp, _)| !waited && self.stale.refresh_early(stamp, clock::now()));
@@ -521,14 +529,27 @@ impl<V: Value> Inner<V> {
             Ok(Completion::Pass(_)) => refresh,
         };
         if failed && refresh {
-            self.refresh_failed(&lease, &completion).await;
+            let stale_until = previous
+                .as_ref()
+                .map_or(now, |(stamp, _)| stamp.stale_until);
+            self.refresh_failed(&lease, &completion, clock::between(now, stale_until))
+                .await;
             return (Outcome::Stale, Ok(previous.map(|(_, value)| value)));
         }
-        if let Some((_, value)) = previous.filter(|(stamp, _)| failed && stamp.serves_on_error(now))
+        if let Some((stamp, value)) =
+            previous.filter(|(stamp, _)| failed && stamp.serves_on_error(now))
         {
             // Stale if error: the value still stored stands in for the failed run, and stays.
-            if let Err(error) = self.backend.release(&lease).await {
-                self.backend_failed("release", &error);
+            // Stored again under this lease (its own times kept), so that the requests parked
+            // on this run in other processes take it too, instead of each running again.
+            let entry = Stamp {
+                fence: lease.fence(),
+                ..stamp
+            }
+            .seal(&value.encode());
+            let keep_for = clock::between(now, stamp.keep_until);
+            if let Err(error) = self.backend.complete(&lease, entry, keep_for).await {
+                self.backend_failed("complete", &error);
             }
             return (Outcome::Stale, Ok(Some(value)));
         }
@@ -617,7 +638,15 @@ impl<V: Value> Inner<V> {
     /// A background refresh failed: counted, said (at most every few seconds), and the key's lock
     /// held for the retry interval, so that nobody in the fleet hammers a failing upstream; the
     /// previous value keeps serving until its stale window ends.
-    async fn refresh_failed(&self, lease: &Lease, completion: &Result<Completion<V>, ParkError>) {
+    ///
+    /// The lock is held no longer than `window_left`, the stale window's rest: past it, the next
+    /// request runs the work at once.
+    async fn refresh_failed(
+        &self,
+        lease: &Lease,
+        completion: &Result<Completion<V>, ParkError>,
+        window_left: Duration,
+    ) {
         self.counters.refresh_failure();
         let why = match completion {
             Err(error) => error.to_string(),
@@ -627,7 +656,7 @@ impl<V: Value> Inner<V> {
         self.refresh_warnings.warn(|suppressed| {
             tracing::warn!(key = %lease.key(), why, suppressed, "a refresh failed: the stale value keeps serving");
         });
-        let retry = self.stale.retry_after;
+        let retry = self.stale.retry_after.min(window_left);
         let cooldown = Lease::new(lease.key().clone(), lease.fence(), lease.token(), retry);
         if retry.is_zero() || !matches!(self.backend.renew(&cooldown).await, Ok(true)) {
             if let Err(error) = self.backend.release(lease).await {
