@@ -24,56 +24,64 @@ use sha2::{Digest, Sha256};
 /// digests of its parts, never the raw text.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
-    uri: Arc<str>,
-    variant: Arc<str>,
+    /// The URI part followed by the variant part: one allocation per key, built on every request.
+    text: Arc<str>,
+    /// Where the variant part starts in `text`.
+    split: usize,
 }
 
 impl Key {
     /// A key made of this text, as its URI part, with no variant part.
     pub fn new(key: impl Into<Arc<str>>) -> Self {
+        let text = key.into();
         Self {
-            uri: key.into(),
-            variant: Arc::from(""),
+            split: text.len(),
+            text,
         }
     }
 
     /// A key with a URI part (what a write to the resource invalidates) and a variant part (what
     /// separates the answers to different askers).
-    pub fn with_variant(uri: impl Into<Arc<str>>, variant: impl Into<Arc<str>>) -> Self {
+    pub fn with_variant(uri: impl AsRef<str>, variant: impl AsRef<str>) -> Self {
+        let (uri, variant) = (uri.as_ref(), variant.as_ref());
+        let mut text = String::with_capacity(uri.len() + variant.len());
+        text.push_str(uri);
+        text.push_str(variant);
+        Self::from_parts(text, uri.len())
+    }
+
+    fn from_parts(text: String, split: usize) -> Self {
         Self {
-            uri: uri.into(),
-            variant: variant.into(),
+            text: text.into(),
+            split,
         }
     }
 
     /// The URI part.
     pub fn uri_part(&self) -> &str {
-        &self.uri
+        &self.text[..self.split]
     }
 
     /// The variant part (empty for keys made with [`Key::new`]).
     pub fn variant_part(&self) -> &str {
-        &self.variant
+        &self.text[self.split..]
     }
 
     /// This key with `extra` added to its variant part.
     pub fn refined(&self, extra: &str) -> Self {
-        Self {
-            uri: Arc::clone(&self.uri),
-            variant: format!("{} {extra}", self.variant).into(),
-        }
+        Self::from_parts(format!("{} {extra}", self.text), self.split)
     }
 
     /// The first 128 bits of the SHA-256 digest of the URI part, in lowercase hex (32
     /// characters): the stable name under which backends outside the process group the variants
     /// of one resource.
     pub fn uri_digest_hex(&self) -> String {
-        hex_digest(&[self.uri.as_bytes()], 16)
+        hex_digest(&[self.uri_part().as_bytes()], 16)
     }
 
     /// The first 128 bits of the SHA-256 digest of the variant part, in lowercase hex.
     pub fn variant_digest_hex(&self) -> String {
-        hex_digest(&[self.variant.as_bytes()], 16)
+        hex_digest(&[self.variant_part().as_bytes()], 16)
     }
 }
 
@@ -85,10 +93,10 @@ impl fmt::Debug for Key {
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.variant.is_empty() {
-            f.write_str(&self.uri)
+        if self.variant_part().is_empty() {
+            f.write_str(self.uri_part())
         } else {
-            write!(f, "{} #{}", self.uri, self.variant)
+            write!(f, "{} #{}", self.uri_part(), self.variant_part())
         }
     }
 }
@@ -293,19 +301,23 @@ pub(crate) fn effective_uri_of(uri: &http::Uri, headers: &http::HeaderMap) -> St
         })
         .unwrap_or("");
     let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    format!(
-        "{scheme}://{}{path_and_query}",
-        authority.to_ascii_lowercase()
-    )
+    let mut effective =
+        String::with_capacity(scheme.len() + 3 + authority.len() + path_and_query.len() + 32);
+    effective.push_str(scheme);
+    effective.push_str("://");
+    effective.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
+    effective.push_str(path_and_query);
+    effective
 }
 
 /// URI part: the effective URI. Variant part: `METHOD scope:extra`, so keys from different
 /// functions never collide.
 fn request_key(parts: &Parts, scope: &str, extra: &str) -> Key {
-    Key::with_variant(
-        effective_uri(parts),
-        format!("{} {scope}:{extra}", parts.method),
-    )
+    use std::fmt::Write;
+    let mut text = effective_uri(parts);
+    let split = text.len();
+    let _ = write!(text, "{} {scope}:{extra}", parts.method);
+    Key::from_parts(text, split)
 }
 
 /// A hash of every value of these headers, or an empty string when none is present.

@@ -218,6 +218,19 @@ impl<V: Value> Parker<V> {
         self.inner.counters.record(outcome);
     }
 
+    /// The value stored fresh for `key`, from a look that needs no I/O, when serving it starts no
+    /// work (no early refresh to decide): the hit path, without building a run.
+    pub(crate) fn fresh_hit(&self, key: &Key) -> Option<V> {
+        if self.inner.stale.early.is_some() {
+            return None;
+        }
+        let (stamp, payload) = self.inner.backend.peek_opened(key)?;
+        if stamp.kind != EntryKind::Value || !stamp.is_fresh(clock::now()) {
+            return None;
+        }
+        V::decode(payload).ok()
+    }
+
     /// The heart of every call: joins or starts the key's flight and says how this caller was
     /// served. `Ok(None)`: the caller's own `work` ran and delivered its private value itself.
     ///
@@ -241,10 +254,10 @@ impl<V: Value> Parker<V> {
     {
         let inner = &self.inner;
         let peeked = match lookup {
-            Lookup::Check => inner.backend.peek(&key),
+            Lookup::Check => inner.backend.peek_opened(&key),
             Lookup::Skip => None,
         };
-        if let Some((stamp, payload)) = peeked.as_ref().and_then(Stamp::open) {
+        if let Some((stamp, payload)) = peeked {
             let now = clock::now();
             match stamp.kind {
                 EntryKind::Pass if stamp.is_fresh(now) => {

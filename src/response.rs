@@ -118,7 +118,8 @@ impl Value for StoredResponse {
         let status = StatusCode::from_u16(status)
             .map_err(|_| DecodeError::new(format!("invalid status {status}")))?;
         let count = take_u32(&mut bytes, "header count")?;
-        let mut headers = HeaderMap::with_capacity(count.min(64));
+        // Room for the fields a reuse adds (`Age`, `x-parking`, `Cache-Status`) without growing.
+        let mut headers = HeaderMap::with_capacity(count.min(64) + 3);
         for _ in 0..count {
             let len = take_u32(&mut bytes, "header name length")?;
             let name = HeaderName::from_bytes(&take(&mut bytes, len, "header name")?)

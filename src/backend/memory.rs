@@ -68,6 +68,8 @@ struct Entry {
 struct Stored {
     entry: Bytes,
     stamp: Stamp,
+    /// The value's bytes, within `entry`.
+    payload: Bytes,
 }
 
 /// How often entries no longer kept are dropped, at most.
@@ -374,13 +376,19 @@ impl Backend for MemoryBackend {
         current.lock = None;
         current.changed.notify_waiters();
         let fits = entry.len() <= self.max_bytes / 8;
-        let value = Stamp::open(&entry).filter(|_| fits).map(|(mut stamp, _)| {
-            // The entry's own keep time, bounded by what the parker asked for.
-            stamp.keep_until = stamp
-                .keep_until
-                .min(clock::now().saturating_add(clock::micros(keep)));
-            Stored { entry, stamp }
-        });
+        let value = Stamp::open(&entry)
+            .filter(|_| fits)
+            .map(|(mut stamp, payload)| {
+                // The entry's own keep time, bounded by what the parker asked for.
+                stamp.keep_until = stamp
+                    .keep_until
+                    .min(clock::now().saturating_add(clock::micros(keep)));
+                Stored {
+                    entry,
+                    stamp,
+                    payload,
+                }
+            });
         if let Some(value) = &value {
             let grows = value.entry.len();
             if state.bytes + grows > self.max_bytes {
@@ -483,6 +491,14 @@ impl Backend for MemoryBackend {
             .get(key)
             .and_then(|entry| entry.kept(micros))
             .map(|stored| stored.entry.clone())
+    }
+
+    fn peek_opened(&self, key: &Key) -> Option<(Stamp, Bytes)> {
+        // Whether it is still kept is the parker's to judge from the head, with the one
+        // reading of the clock it takes anyway: no reading here.
+        let state = self.state();
+        let stored = state.get(key)?.value.as_ref()?;
+        Some((stored.stamp, stored.payload.clone()))
     }
 }
 

@@ -126,6 +126,12 @@ pub trait Backend: Send + Sync + 'static {
     fn peek(&self, _key: &Key) -> Option<Bytes> {
         None
     }
+
+    /// [`peek`](Backend::peek), with the entry's head read and the value's bytes apart. Backends
+    /// that keep heads read already answer without reading them again (every hit asks this).
+    fn peek_opened(&self, key: &Key) -> Option<(Stamp, Bytes)> {
+        self.peek(key).and_then(|entry| Stamp::open(&entry))
+    }
 }
 
 impl<T: Backend + ?Sized> Backend for Arc<T> {
@@ -171,6 +177,9 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
     }
     fn peek(&self, key: &Key) -> Option<Bytes> {
         (**self).peek(key)
+    }
+    fn peek_opened(&self, key: &Key) -> Option<(Stamp, Bytes)> {
+        (**self).peek_opened(key)
     }
 }
 

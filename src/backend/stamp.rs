@@ -88,19 +88,32 @@ impl Stamp {
     /// Reads an entry's head and returns it with the value's bytes; `None` for anything that is
     /// not an entry of this format.
     pub fn open(entry: &Bytes) -> Option<(Self, Bytes)> {
-        let end = entry.iter().take(128).position(|&byte| byte == b'\n')?;
-        let head = std::str::from_utf8(&entry[..end]).ok()?;
-        let mut fields = head.split(' ');
-        if fields.next()? != TAG {
+        // Read on every hit: one pass over the head's bytes, no allocation.
+        let bytes = entry.as_ref();
+        let mut at = TAG.len() + 1;
+        if bytes.get(..at)? != b"TP2 " {
             return None;
         }
-        let mut number = || fields.next()?.parse::<u64>().ok();
+        let mut number = || {
+            let start = at;
+            let mut value: u64 = 0;
+            while let Some(digit) = bytes.get(at).filter(|byte| byte.is_ascii_digit()) {
+                value = value
+                    .checked_mul(10)?
+                    .checked_add(u64::from(digit - b'0'))?;
+                at += 1;
+            }
+            (at > start && bytes.get(at) == Some(&b' ')).then(|| {
+                at += 1;
+                value
+            })
+        };
         let (fence, fresh_until, keep_until) = (number()?, number()?, number()?);
         let (stale_until, error_until, stored_at, took_ms) =
             (number()?, number()?, number()?, number()?);
-        let kind = match fields.next()? {
-            "V" => EntryKind::Value,
-            "P" => EntryKind::Pass,
+        let kind = match bytes.get(at..at + 2)? {
+            b"V\n" => EntryKind::Value,
+            b"P\n" => EntryKind::Pass,
             _ => return None,
         };
         let stamp = Self {
@@ -113,7 +126,7 @@ impl Stamp {
             took_ms,
             kind,
         };
-        Some((stamp, entry.slice(end + 1..)))
+        Some((stamp, entry.slice(at + 2..)))
     }
 }
 

@@ -106,12 +106,30 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(handle(
+        // The path is chosen here, so each boxed future holds the state of its own path only.
+        let (parker, http, inner) = (
             self.parker.clone(),
             Arc::clone(&self.http),
             self.inner.clone(),
-            request,
-        ))
+        );
+        let parked = http.methods.contains(request.method());
+        if !parked && sharing::is_unsafe(request.method()) {
+            return ResponseFuture::new(write(parker, http, inner, request));
+        }
+        let (parts, body) = request.into_parts();
+        let key = (parked
+            && !sharing::is_upgrade(&parts)
+            && !sharing::has_origin_preconditions(&parts.headers))
+        .then(|| http.key.key(&parts))
+        .flatten();
+        let mut request = Request::from_parts(parts, body);
+        let Some(key) = key else {
+            return ResponseFuture::new(
+                async move { bypass(&parker, &http, inner, request).await },
+            );
+        };
+        let conditions = Conditions::take(request.headers_mut());
+        ResponseFuture::new(park(parker, http, key, inner, request, conditions))
     }
 }
 
@@ -144,35 +162,6 @@ where
 {
     std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
     service.call(request).await
-}
-
-async fn handle<S, ReqBody, ResBody>(
-    parker: Parker<StoredResponse>,
-    http: Arc<HttpConfig>,
-    inner: S,
-    request: Request<ReqBody>,
-) -> Result<Response<ParkingBody<ResBody>>, S::Error>
-where
-    S: Inner<ReqBody, ResBody>,
-    ReqBody: Send + 'static,
-    ResBody: SharedBody,
-{
-    let parked = http.methods.contains(request.method());
-    if !parked && sharing::is_unsafe(request.method()) {
-        return write(parker, http, inner, request).await;
-    }
-    let (parts, body) = request.into_parts();
-    let key = (parked
-        && !sharing::is_upgrade(&parts)
-        && !sharing::has_origin_preconditions(&parts.headers))
-    .then(|| http.key.key(&parts))
-    .flatten();
-    let mut request = Request::from_parts(parts, body);
-    let Some(key) = key else {
-        return bypass(&parker, &http, inner, request).await;
-    };
-    let conditions = Conditions::take(request.headers_mut());
-    park(parker, http, key, inner, request, conditions).await
 }
 
 async fn bypass<S, ReqBody, ResBody>(
@@ -251,6 +240,13 @@ where
     ReqBody: Send + 'static,
     ResBody: SharedBody,
 {
+    // The hit path: a fresh response this request may have, without building a run.
+    if let Some(stored) = parker.fresh_hit(&key) {
+        if next_step(&stored, Head::of(&request), Outcome::Hit, &http).is_none() {
+            parker.record(Outcome::Hit);
+            return Ok(reused(&http, stored, Outcome::Hit, &conditions));
+        }
+    }
     let slot: Slot<ReqBody> = Arc::new(Mutex::new(Some(request)));
     let mut lookup = Lookup::Check;
     // A response found under the key may be another variant (its `Vary` names fields this
@@ -286,18 +282,9 @@ where
         };
         let next = {
             let request = lock(&slot);
-            match request.as_ref().map(Head::of) {
-                Some(head) if !freshness::matches(&stored, head, &http.rules) => {
-                    Some(Err(variant_of(&stored, head)))
-                }
-                Some(head)
-                    if outcome == Outcome::Hit
-                        && freshness::refused_by_request(&stored, head, &http.rules) =>
-                {
-                    Some(Ok(Lookup::Skip))
-                }
-                _ => None,
-            }
+            request
+                .as_ref()
+                .and_then(|request| next_step(&stored, Head::of(request), outcome, &http))
         };
         match next {
             None => {
@@ -321,6 +308,21 @@ where
             ))
         }
     }
+}
+
+/// What a request does with a response found for its key: take it (`None`), park under the key
+/// of its own variant (`Err`), or, refusing a stored one by its own directives, run (`Ok(Skip)`).
+fn next_step(
+    stored: &StoredResponse,
+    head: Head<'_>,
+    outcome: Outcome,
+    http: &HttpConfig,
+) -> Option<Result<Lookup, String>> {
+    if !freshness::matches(stored, head, &http.rules) {
+        return Some(Err(variant_of(stored, head)));
+    }
+    (outcome == Outcome::Hit && freshness::refused_by_request(stored, head, &http.rules))
+        .then_some(Ok(Lookup::Skip))
 }
 
 /// The variant part a request adds to its key for a response that varies: a hash of its values
@@ -470,12 +472,24 @@ fn reused<B>(
     };
     if let Some(record) = &stored.policy {
         let age = freshness::age(record, clock::now());
-        response
-            .headers_mut()
-            .insert(header::AGE, HeaderValue::from(age));
+        response.headers_mut().insert(header::AGE, age_value(age));
     }
     mark(http, response.headers_mut(), outcome);
     response
+}
+
+/// An `Age` value; the first minute's, the usual ones on a hot key, without an allocation.
+fn age_value(age: u64) -> HeaderValue {
+    const SMALL: [&str; 60] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31",
+        "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46",
+        "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59",
+    ];
+    match SMALL.get(age as usize) {
+        Some(small) => HeaderValue::from_static(small),
+        None => HeaderValue::from(age),
+    }
 }
 
 fn not_modified<B>(headers: &http::HeaderMap) -> Response<ParkingBody<B>> {

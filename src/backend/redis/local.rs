@@ -16,15 +16,18 @@ use std::sync::{
 };
 
 use super::health::Health;
+use crate::{backend::Stamp, Key};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-/// Copies of fresh values, by key hash, bounded in bytes.
+/// Copies of entries, by key (so that a hit hashes no digest), with the name each goes under in
+/// Redis (`U:V`, so that a notification finds its copy), bounded in bytes.
 #[derive(Debug)]
 pub(super) struct LocalWindow {
-    copies: DashMap<Box<str>, Copy>,
+    copies: DashMap<Key, Copy>,
+    names: DashMap<Box<str>, Key>,
     health: Arc<Health>,
     bytes: AtomicUsize,
     max_bytes: usize,
@@ -35,7 +38,10 @@ pub(super) struct LocalWindow {
 
 #[derive(Debug)]
 struct Copy {
-    value: Bytes,
+    entry: Bytes,
+    /// The entry's head, read once when kept, and the value's bytes.
+    stamp: Stamp,
+    payload: Bytes,
     expires: Instant,
     /// Until when it may be served without reading Redis again (the staleness bound).
     trusted_until: Instant,
@@ -46,6 +52,7 @@ impl LocalWindow {
     pub(super) fn new(max_bytes: usize, health: Arc<Health>) -> Self {
         Self {
             copies: DashMap::new(),
+            names: DashMap::new(),
             health,
             bytes: AtomicUsize::new(0),
             max_bytes,
@@ -58,56 +65,69 @@ impl LocalWindow {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The copy of the entry with this hash, if it is still kept and was read from Redis within
-    /// the staleness bound while notifications flow.
-    pub(super) fn get(&self, hash: &str) -> Option<Bytes> {
+    /// The copy of the entry of `key`, if it is still kept and was read from Redis within the
+    /// staleness bound while notifications flow: the entry, its head and its value's bytes.
+    pub(super) fn get(&self, key: &Key) -> Option<(Bytes, Stamp, Bytes)> {
         if !self.health.alive() {
             return None;
         }
         let now = Instant::now();
         {
-            let copy = self.copies.get(hash)?;
+            let copy = self.copies.get(key)?;
             if copy.trusted_until > now {
-                return Some(copy.value.clone());
+                return Some((copy.entry.clone(), copy.stamp, copy.payload.clone()));
             }
             if copy.expires > now {
                 // Read too long ago: the caller reads Redis, which keeps it again.
                 return None;
             }
         }
-        if let Some((_, copy)) = self.copies.remove_if(hash, |_, copy| copy.expires <= now) {
-            self.bytes.fetch_sub(copy.value.len(), Ordering::Relaxed);
+        if let Some((_, copy)) = self.copies.remove_if(key, |_, copy| copy.expires <= now) {
+            self.bytes.fetch_sub(copy.entry.len(), Ordering::Relaxed);
         }
         None
     }
 
-    /// Keeps `value` until `expires`, unless a change was heard of since `generation` was taken
-    /// or the window is full.
-    pub(super) fn keep(&self, hash: &str, value: Bytes, expires: Instant, generation: u64) {
-        if self.max_bytes == 0 || value.len() > self.max_bytes / 4 {
+    /// Keeps the entry of `key` (named `name` in notifications) until `expires`, unless a change
+    /// was heard of since `generation` was taken, the window is full, or it is not an entry.
+    pub(super) fn keep(
+        &self,
+        key: &Key,
+        name: &str,
+        entry: Bytes,
+        expires: Instant,
+        generation: u64,
+    ) {
+        if self.max_bytes == 0 || entry.len() > self.max_bytes / 4 {
             return;
         }
-        if self.bytes.load(Ordering::Relaxed) + value.len() > self.max_bytes {
+        let Some((stamp, payload)) = Stamp::open(&entry) else {
+            return;
+        };
+        if self.bytes.load(Ordering::Relaxed) + entry.len() > self.max_bytes {
             self.drop_expired();
-            if self.bytes.load(Ordering::Relaxed) + value.len() > self.max_bytes {
+            if self.bytes.load(Ordering::Relaxed) + entry.len() > self.max_bytes {
                 return;
             }
         }
-        let len = value.len();
+        let len = entry.len();
+        self.names.insert(name.into(), key.clone());
         let replaced = {
-            // Checked under the shard lock that `forget` also takes, so a drop of this hash
+            // Checked under the shard lock that `forget` also takes, so a drop of this key
             // either happened before (the generation moved) or comes after the insert.
-            let mut entry = self.copies.entry(hash.into());
+            let mut slot = self.copies.entry(key.clone());
             if self.generation.load(Ordering::Acquire) != generation {
                 return;
             }
-            let replaced = match &mut entry {
-                dashmap::mapref::entry::Entry::Occupied(old) => Some(old.get().value.len()),
+            let replaced = match &mut slot {
+                dashmap::mapref::entry::Entry::Occupied(old) => Some(old.get().entry.len()),
                 dashmap::mapref::entry::Entry::Vacant(_) => None,
             };
             let trusted_until = Instant::now() + self.health.bound;
-            entry.insert(Copy {
-                value,
+            slot.insert(Copy {
+                entry,
+                stamp,
+                payload,
                 expires,
                 trusted_until: trusted_until.min(expires),
             });
@@ -119,21 +139,21 @@ impl LocalWindow {
         }
     }
 
-    /// Drops the copy of the value with this hash: it changed in Redis.
-    pub(super) fn forget(&self, hash: &str) {
+    /// Drops the copy named `name`: it changed in Redis.
+    pub(super) fn forget(&self, name: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some((_, copy)) = self.copies.remove(hash) {
-            self.bytes.fetch_sub(copy.value.len(), Ordering::Relaxed);
+        if let Some((_, key)) = self.names.remove(name) {
+            self.remove(&key);
         }
     }
 
     /// Drops the copies of every variant of the URI with this hash: it was invalidated.
     pub(super) fn forget_uri(&self, uri: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.copies.retain(|hash, copy| {
-            let other_uri = hash.split(':').next() != Some(uri);
+        self.names.retain(|name, key| {
+            let other_uri = name.split(':').next() != Some(uri);
             if !other_uri {
-                self.bytes.fetch_sub(copy.value.len(), Ordering::Relaxed);
+                self.remove(key);
             }
             other_uri
         });
@@ -142,10 +162,17 @@ impl LocalWindow {
     /// Drops every copy: notifications may have been lost.
     pub(super) fn clear(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.names.clear();
         self.copies.retain(|_, copy| {
-            self.bytes.fetch_sub(copy.value.len(), Ordering::Relaxed);
+            self.bytes.fetch_sub(copy.entry.len(), Ordering::Relaxed);
             false
         });
+    }
+
+    fn remove(&self, key: &Key) {
+        if let Some((_, copy)) = self.copies.remove(key) {
+            self.bytes.fetch_sub(copy.entry.len(), Ordering::Relaxed);
+        }
     }
 
     fn drop_expired(&self) {
@@ -153,10 +180,11 @@ impl LocalWindow {
         self.copies.retain(|_, copy| {
             let fresh = copy.expires > now;
             if !fresh {
-                self.bytes.fetch_sub(copy.value.len(), Ordering::Relaxed);
+                self.bytes.fetch_sub(copy.entry.len(), Ordering::Relaxed);
             }
             fresh
         });
+        self.names.retain(|_, key| self.copies.contains_key(key));
     }
 }
 
@@ -165,6 +193,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::backend::EntryKind;
 
     fn trusted_window(max_bytes: usize) -> LocalWindow {
         let health = Arc::new(Health::new("p:", 0, "test", Duration::from_secs(3600)));
@@ -172,19 +201,39 @@ mod tests {
         LocalWindow::new(max_bytes, health)
     }
 
+    /// An entry holding `value`.
+    fn entry(value: &[u8]) -> Bytes {
+        Stamp {
+            fence: 1,
+            fresh_until: u64::MAX / 2,
+            keep_until: u64::MAX / 2,
+            stale_until: 0,
+            error_until: 0,
+            stored_at: 0,
+            took_ms: 0,
+            kind: EntryKind::Value,
+        }
+        .seal(value)
+    }
+
+    /// Keeps `value` for the key and name `name`, with the generation taken now.
+    fn keep(window: &LocalWindow, name: &str, value: &[u8], expires: Instant) {
+        let generation = window.generation();
+        window.keep(&Key::new(name), name, entry(value), expires, generation);
+    }
+
+    /// The value kept for the key `name`.
+    fn value(window: &LocalWindow, name: &str) -> Option<Bytes> {
+        window.get(&Key::new(name)).map(|(_, _, payload)| payload)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_copy_is_served_until_it_expires() {
         let window = trusted_window(1024);
-        let generation = window.generation();
-        window.keep(
-            "a",
-            Bytes::from_static(b"v"),
-            Instant::now() + Duration::from_secs(1),
-            generation,
-        );
-        assert_eq!(window.get("a").as_deref(), Some(&b"v"[..]));
+        keep(&window, "a", b"v", Instant::now() + Duration::from_secs(1));
+        assert_eq!(value(&window, "a").as_deref(), Some(&b"v"[..]));
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(window.get("a"), None);
+        assert_eq!(value(&window, "a"), None);
         assert_eq!(window.bytes.load(Ordering::Relaxed), 0);
     }
 
@@ -193,37 +242,43 @@ mod tests {
         let window = trusted_window(1024);
         let generation = window.generation();
         window.forget("a");
-        window.keep(
-            "a",
-            Bytes::from_static(b"old"),
-            Instant::now() + Duration::from_secs(60),
-            generation,
-        );
-        assert_eq!(window.get("a"), None);
+        let later = Instant::now() + Duration::from_secs(60);
+        window.keep(&Key::new("a"), "a", entry(b"old"), later, generation);
+        assert_eq!(value(&window, "a"), None);
+    }
+
+    #[tokio::test]
+    async fn a_notification_drops_the_copy_by_its_name_and_a_write_every_variant() {
+        let window = trusted_window(1024);
+        let later = Instant::now() + Duration::from_secs(60);
+        keep(&window, "u1:v1", b"a", later);
+        keep(&window, "u1:v2", b"b", later);
+        keep(&window, "u2:v1", b"c", later);
+        window.forget("u1:v1");
+        assert_eq!(value(&window, "u1:v1"), None);
+        assert!(value(&window, "u1:v2").is_some());
+        window.forget_uri("u1");
+        assert_eq!(value(&window, "u1:v2"), None);
+        assert_eq!(value(&window, "u2:v1").as_deref(), Some(&b"c"[..]));
     }
 
     #[tokio::test]
     async fn the_window_stays_within_its_bytes() {
-        let window = trusted_window(100);
+        let window = trusted_window(600);
         let later = Instant::now() + Duration::from_secs(60);
         for i in 0..10 {
-            window.keep(
-                &i.to_string(),
-                Bytes::from(vec![0; 20]),
-                later,
-                window.generation(),
-            );
+            keep(&window, &i.to_string(), &[0; 80], later);
         }
-        assert!(window.bytes.load(Ordering::Relaxed) <= 100);
-        assert_eq!(window.copies.len(), 5);
+        assert!(window.bytes.load(Ordering::Relaxed) <= 600);
+        assert!(window.copies.len() < 10, "{} copies", window.copies.len());
         window.clear();
         assert_eq!(
             (window.copies.len(), window.bytes.load(Ordering::Relaxed)),
             (0, 0)
         );
         let disabled = trusted_window(0);
-        disabled.keep("a", Bytes::from_static(b"v"), later, disabled.generation());
-        assert_eq!(disabled.get("a"), None);
+        keep(&disabled, "a", b"v", later);
+        assert_eq!(value(&disabled, "a"), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -231,21 +286,21 @@ mod tests {
         let health = Arc::new(Health::new("p:", 0, "test", Duration::from_secs(3600)));
         let window = LocalWindow::new(1024, Arc::clone(&health));
         let later = Instant::now() + Duration::from_secs(60);
-        window.keep("a", Bytes::from_static(b"v"), later, window.generation());
-        assert_eq!(window.get("a"), None, "no canary heard yet");
+        keep(&window, "a", b"v", later);
+        assert_eq!(value(&window, "a"), None, "no canary heard yet");
         health.heard_every_canary();
-        assert_eq!(window.get("a").as_deref(), Some(&b"v"[..]));
+        assert_eq!(value(&window, "a").as_deref(), Some(&b"v"[..]));
         health.lost();
-        assert_eq!(window.get("a"), None, "notifications in doubt");
+        assert_eq!(value(&window, "a"), None, "notifications in doubt");
 
         let bounded = LocalWindow::new(1024, {
             let health = Arc::new(Health::new("p:", 0, "b", Duration::from_secs(1)));
             health.heard_every_canary();
             health
         });
-        bounded.keep("a", Bytes::from_static(b"v"), later, bounded.generation());
-        assert!(bounded.get("a").is_some());
+        keep(&bounded, "a", b"v", later);
+        assert!(value(&bounded, "a").is_some());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(bounded.get("a"), None, "read more than a bound ago");
+        assert_eq!(value(&bounded, "a"), None, "read more than a bound ago");
     }
 }

@@ -142,6 +142,8 @@ impl fmt::Debug for RedisBackend {
 
 /// The Redis key names of one parking key.
 struct RedisKeys {
+    /// The parking key: its local copy goes under it.
+    key: Key,
     /// `U:V`, the digests of the key's parts: the name its waiters and local copy go under.
     hash: String,
     /// `U`, the digest of the key's URI part.
@@ -227,6 +229,7 @@ impl RedisBackend {
             gen: format!("{prefix}{{{uri}}}:gen"),
             hash: format!("{uri}:{variant}"),
             uri,
+            key: key.clone(),
         }
     }
 
@@ -370,6 +373,7 @@ impl RedisBackend {
         };
         if let Some(keep_for) = keep_for {
             self.inner.local.keep(
+                &keys.key,
                 &keys.hash,
                 entry.clone(),
                 Instant::now() + keep_for,
@@ -681,7 +685,13 @@ impl Backend for RedisBackend {
     }
 
     fn peek(&self, key: &Key) -> Option<Bytes> {
-        let hash = format!("{}:{}", key.uri_digest_hex(), key.variant_digest_hex());
-        self.inner.local.get(&hash)
+        self.inner.local.get(key).map(|(entry, ..)| entry)
+    }
+
+    fn peek_opened(&self, key: &Key) -> Option<(crate::backend::Stamp, Bytes)> {
+        self.inner
+            .local
+            .get(key)
+            .map(|(_, stamp, payload)| (stamp, payload))
     }
 }
