@@ -333,6 +333,7 @@ impl RedisBackend {
             Some("stored") => items
                 .next()
                 .and_then(Value::into_bytes)
+                .and_then(entry_of)
                 .map(|entry| Peeked::Stored(self.keep(keys, entry, None, generation))),
             Some("held") => {
                 let pttl = items.next().and_then(|pttl| pttl.as_i64());
@@ -429,7 +430,7 @@ impl Reply {
         let tag = items.next().and_then(|tag| tag.as_string());
         let parsed = match tag.as_deref() {
             Some("fresh") => {
-                let value = items.next().and_then(Value::into_bytes);
+                let value = items.next().and_then(Value::into_bytes).and_then(entry_of);
                 let pttl = items.next().and_then(|pttl| pttl.as_i64());
                 value
                     .zip(pttl)
@@ -438,14 +439,14 @@ impl Reply {
             Some("held") => {
                 let pttl = items.next().and_then(|pttl| pttl.as_i64());
                 let fence = items.next().and_then(Value::into_string);
-                let stale = items.next().and_then(Value::into_bytes);
+                let stale = items.next().and_then(Value::into_bytes).and_then(entry_of);
                 pttl.zip(fence)
                     .map(|(pttl, fence)| Reply::Held(pttl, fence, stale))
             }
             Some("acquired") => {
                 let fence = items.next().and_then(|fence| fence.as_u64());
                 let token = items.next().and_then(|token| token.into_string());
-                let stale = items.next().and_then(Value::into_bytes);
+                let stale = items.next().and_then(Value::into_bytes).and_then(entry_of);
                 fence.zip(token).map(|(fence, token)| Reply::Acquired {
                     fence,
                     token,
@@ -456,6 +457,12 @@ impl Reply {
         };
         parsed.ok_or_else(|| unexpected(operation, "a malformed reply"))
     }
+}
+
+/// The entry in a stored value, `<generation> <entry>`, as the scripts return it whole.
+fn entry_of(stored: Bytes) -> Option<Bytes> {
+    let space = stored.iter().take(24).position(|&byte| byte == b' ')?;
+    Some(stored.slice(space + 1..))
 }
 
 fn unexpected(operation: &str, what: &str) -> BackendError {

@@ -38,9 +38,10 @@ end
     };
 }
 
-/// Defines `stored(resp_key, gen_key)`: the entry stored under `resp_key` without its generation
-/// prefix, or `false` when there is none or it was stored before the URI's last invalidation;
-/// and the URI's current generation.
+/// Defines `stored(resp_key, gen_key)`: the value stored under `resp_key` (`<generation> <entry>`,
+/// returned whole: the client drops the prefix without a copy) and where its entry starts, or
+/// `false` when there is none or it was stored before the URI's last invalidation; and the URI's
+/// current generation.
 macro_rules! stored_lua {
     () => {
         r"
@@ -50,7 +51,7 @@ local function stored(resp_key, gen_key)
   if not value then return false, gen end
   local head = gen .. ' '
   if string.sub(value, 1, #head) ~= head then return false, gen end
-  return string.sub(value, #head + 1), gen
+  return value, gen, #head + 1
 end
 "
     };
@@ -63,9 +64,9 @@ const ACQUIRE: &str = concat!(
     next_fence_lua!(),
     stored_lua!(),
     r"
-local value, gen = stored(KEYS[1], KEYS[4])
+local value, gen, at = stored(KEYS[1], KEYS[4])
 if value and ARGV[1] == '1' then
-  local _, fresh = string.match(value, '^TP2 (%d+) (%d+) ')
+  local _, fresh = string.match(value, '^TP2 (%d+) (%d+) ', at)
   if fresh and tonumber(fresh) > tonumber(ARGV[5]) then
     return {'fresh', value, redis.call('PTTL', KEYS[1])}
   end
@@ -90,12 +91,12 @@ return {'acquired', fence, token}
 const PEEK: &str = concat!(
     stored_lua!(),
     r"
-local value = stored(KEYS[1], KEYS[3])
+local value, _, at = stored(KEYS[1], KEYS[3])
 local lock = redis.call('GET', KEYS[2])
 local awaited = ARGV[3]
 if awaited == '0' and lock then awaited = string.match(lock, '^(%d+):') or '0' end
 if value then
-  local fence, fresh = string.match(value, '^TP2 (%d+) (%d+) ')
+  local fence, fresh = string.match(value, '^TP2 (%d+) (%d+) ', at)
   if fence and ((ARGV[1] == '1' and tonumber(fresh) > tonumber(ARGV[2]))
       or (awaited ~= '0' and tonumber(fence) >= tonumber(awaited))) then
     return {'stored', value}
