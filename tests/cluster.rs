@@ -13,7 +13,10 @@ use std::{
 };
 
 use support::{
-    fleet::{assert_all_served, outcomes, parking, slow_app, start_instances_on, urls, SOON},
+    fleet::{
+        assert_all_served, first_run_gated_app, outcomes, parking, slow_app, start_instances_on,
+        urls, SOON,
+    },
     redis_cluster::{spread, RedisCluster, SentinelSet},
     redis_key, Gate, HttpClient, Instance, Tally,
 };
@@ -119,18 +122,7 @@ async fn setup_names_every_primary_without_flags_and_enabling_sets_every_node() 
 async fn parked_through_a_fault(url: String, key_path: &str, fault: impl FnOnce() -> Duration) {
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, run| {
-            let gate = gate.clone();
-            async move {
-                // The first leader is held until the fault is over; a second one is not.
-                if run == 1 {
-                    gate.wait().await;
-                }
-            }
-        }
-    });
+    let app = first_run_gated_app(&runs, &gate);
     let parked = Tally::new();
     let instances = start_instances_on(
         4,

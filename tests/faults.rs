@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use support::{
     eventually,
     fleet::{
-        assert_all_served, gated_app, outcomes, parking, slow_app, start_instances, urls,
-        wait_all_in, SOON,
+        assert_all_served, first_run_gated_app, gated_app, outcomes, parking, slow_app,
+        start_instances, urls, wait_all_in, SOON,
     },
     redis_key, FaultProxy, Gate, HttpClient, Instance, RedisServer, Tally,
 };
@@ -148,18 +148,7 @@ async fn requests_parked_behind_one_remote_leader_share_one_wait_timeout_run() {
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, run| {
-            let gate = gate.clone();
-            async move {
-                // Only the remote leader's run is held.
-                if run == 1 {
-                    gate.wait().await;
-                }
-            }
-        }
-    });
+    let app = first_run_gated_app(&runs, &gate);
     let parked = Tally::new();
     let instances = start_instances(
         2,
@@ -519,17 +508,7 @@ async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_le
     let runs = Tally::new();
     let gate = Gate::new();
     // Only the first run is held: the leader that loses its lock to the flush.
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, run| {
-            let gate = gate.clone();
-            async move {
-                if run == 1 {
-                    gate.wait().await;
-                }
-            }
-        }
-    });
+    let app = first_run_gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(10);
     let instances = start_instances(
@@ -578,17 +557,7 @@ async fn a_lock_evicted_under_maxmemory_wakes_its_waiters_with_the_e_flag() {
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    let app = slow_app(&runs, {
-        let gate = gate.clone();
-        move |_, run| {
-            let gate = gate.clone();
-            async move {
-                if run == 1 {
-                    gate.wait().await;
-                }
-            }
-        }
-    });
+    let app = first_run_gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(10);
     // Allowed to set the flags: `e` (evicted) joins the ones it needs.

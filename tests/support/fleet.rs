@@ -57,6 +57,20 @@ pub fn gated_app(runs: &Tally, gate: &Gate) -> Router {
     })
 }
 
+/// [`slow_app`] whose first run waits at `gate` (the leader a fault hits); later runs (a
+/// takeover) go straight through.
+pub fn first_run_gated_app(runs: &Tally, gate: &Gate) -> Router {
+    let gate = gate.clone();
+    slow_app(runs, move |_, run| {
+        let gate = gate.clone();
+        async move {
+            if run == 1 {
+                gate.wait().await;
+            }
+        }
+    })
+}
+
 /// Starts `n` instances on `redis`, each with its own backend (`backend` adjusts the builder),
 /// its own `layer()` and a clone of `app`.
 pub fn start_instances(
