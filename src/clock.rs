@@ -27,7 +27,13 @@ fn anchor() -> &'static (Micros, Instant) {
 /// Now, in microseconds since the Unix epoch.
 pub(crate) fn now() -> Micros {
     let (wall, instant) = anchor();
-    wall.saturating_add(micros(Instant::now().saturating_duration_since(*instant)))
+    let now = Instant::now();
+    // A paused test clock can stand before the anchor (its runtime started before another took
+    // the anchor): readings still move with it, before the anchor as after.
+    match now.checked_duration_since(*instant) {
+        Some(after) => wall.saturating_add(micros(after)),
+        None => wall.saturating_sub(micros(instant.duration_since(now))),
+    }
 }
 
 /// A reading of [`now`] as a `SystemTime`.
@@ -43,4 +49,16 @@ pub(crate) fn micros(duration: Duration) -> Micros {
 /// How long from `from` to `to` (zero if `to` is earlier).
 pub(crate) fn between(from: Micros, to: Micros) -> Duration {
     Duration::from_micros(to.saturating_sub(from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn readings_follow_a_paused_clock_whenever_its_runtime_started() {
+        let before = now();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(now() - before, 1_000);
+    }
 }
