@@ -29,11 +29,10 @@ use axum::{
     Router,
 };
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use support::{
     burst, counting_waits,
     origin::{fields, reply, stating, Fields, Origin},
-    spawn_joined, within, Tally,
+    spawn_joined, within, Got, Tally,
 };
 use tokio::time::advance;
 use tower::ServiceExt;
@@ -56,48 +55,7 @@ where
     origin.router(PATH, respond).layer(layer.clone())
 }
 
-/// What one caller received.
-#[derive(Debug)]
-struct Got {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
 impl Got {
-    async fn read<B>(response: Response<B>) -> Self
-    where
-        B: http_body::Body,
-        B::Error: std::fmt::Debug,
-    {
-        let (parts, body) = response.into_parts();
-        Self {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.expect("body").to_bytes(),
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .map(|value| value.to_str().expect("ASCII header"))
-    }
-
-    fn parking(&self) -> Option<&str> {
-        self.header("x-parking")
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("UTF-8 body")
-    }
-
-    /// The `Age` header, which must be a whole number when present.
-    fn age(&self) -> Option<u64> {
-        self.header("age")
-            .map(|age| age.parse().unwrap_or_else(|_| panic!("Age {age:?}")))
-    }
-
     /// Status, `x-parking` and body.
     fn view(&self) -> (u16, &str, &str) {
         (

@@ -21,9 +21,9 @@ use axum::{
     Router,
 };
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{Empty, Full};
 use support::{
-    burst, counting_waits, join_spawned, quiet_deliberate_panics, spawn_joined, within, Gate,
+    burst, counting_waits, join_spawned, quiet_deliberate_panics, spawn_joined, within, Gate, Got,
     Tally, Work, DELIBERATE, HANG,
 };
 use tokio::time::Instant;
@@ -72,49 +72,7 @@ fn app(route: MethodRouter, layer: &ParkingLayer) -> Router {
     Router::new().route("/report", route).layer(layer.clone())
 }
 
-/// What one caller received.
-#[derive(Debug)]
-struct Got {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
 impl Got {
-    async fn read<B>(response: Response<B>) -> Self
-    where
-        B: http_body::Body,
-        B::Error: std::fmt::Debug,
-    {
-        let (parts, body) = response.into_parts();
-        Self {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.expect("body").to_bytes(),
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .map(|value| value.to_str().expect("ASCII header"))
-    }
-
-    fn parking(&self) -> Option<&str> {
-        self.header("x-parking")
-    }
-
-    fn run(&self) -> usize {
-        self.header("x-run")
-            .expect("x-run header")
-            .parse()
-            .expect("run number")
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("UTF-8 body")
-    }
-
     /// Status, `x-parking` and body, for one-line assertions.
     fn view(&self) -> (u16, Option<&str>, &str) {
         (self.status.as_u16(), self.parking(), self.text())

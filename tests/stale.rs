@@ -24,10 +24,8 @@ use axum::{
     routing::get,
     Router,
 };
-use bytes::Bytes;
 use futures_util::future::join_all;
-use http_body_util::BodyExt;
-use support::{burst, quiet_deliberate_panics, within, Work, DELIBERATE};
+use support::{burst, quiet_deliberate_panics, within, Got, Work, DELIBERATE};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tower_parking::{
@@ -227,49 +225,12 @@ fn stored(backend: &MemoryBackend) -> Option<String> {
     Some(String::from_utf8_lossy(&response.body).into_owned())
 }
 
-/// What one caller received.
-#[derive(Debug)]
-struct Got {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
 impl Got {
-    async fn read<B>(response: Response<B>) -> Self
-    where
-        B: http_body::Body,
-        B::Error: std::fmt::Debug,
-    {
-        let (parts, body) = response.into_parts();
-        Self {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.expect("body").to_bytes(),
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .map(|value| value.to_str().expect("ASCII header"))
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("UTF-8 body")
-    }
-
-    /// The `Age` header, which must be a whole number when present.
-    fn age(&self) -> Option<u64> {
-        self.header("age")
-            .map(|age| age.parse().unwrap_or_else(|_| panic!("Age {age:?}")))
-    }
-
     /// Status, `x-parking` and body.
     fn view(&self) -> (u16, &str, &str) {
         (
             self.status.as_u16(),
-            self.header("x-parking").unwrap_or(""),
+            self.parking().unwrap_or(""),
             self.text(),
         )
     }

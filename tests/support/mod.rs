@@ -25,6 +25,7 @@ mod choreography;
 mod client;
 #[cfg(feature = "redis")]
 pub mod fleet;
+mod got;
 #[cfg(feature = "redis")]
 mod instance;
 pub mod origin;
@@ -42,6 +43,7 @@ pub use choreography::{
     spawn_joined, tracked, within, Gate, Tally, Work, DELIBERATE, HANG,
 };
 pub use client::{HttpClient, Reply};
+pub use got::Got;
 #[cfg(feature = "redis")]
 pub use instance::Instance;
 pub use process::ServerProcess;
