@@ -673,9 +673,6 @@ pub enum RedisSetupError {
         /// How often it would be renewed.
         renew_every: Duration,
     },
-    /// Not returned any more: Redis Cluster is supported. Kept so that matches on it still
-    /// compile.
-    ClusterNotSupported,
     /// Redis could not be reached (refused, timed out, TLS or authentication failed).
     Connect(BoxError),
     /// Keyspace notifications are off, or lack flags the backend needs.
@@ -725,7 +722,6 @@ impl fmt::Display for RedisSetupError {
                  while its leader is alive; the lease must be at least 1 ms and renew_every \
                  shorter than it (by default it is a third of it)"
             ),
-            Self::ClusterNotSupported => write!(f, "Redis Cluster URLs are not supported"),
             Self::Connect(error) => write!(
                 f,
                 "could not connect to Redis ({error}): check the URL, that Redis is running and \
