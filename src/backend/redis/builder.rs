@@ -607,7 +607,7 @@ async fn notifications_arrive(backend: &RedisBackend) -> Result<bool, FredError>
     // Waiters register under `<uri hash>:<variant hash>`; the probes' variant part is `p`.
     let registrations =
         [&stored, &deleted, &expired].map(|uri| inner.waiters.register(&format!("{uri}:p")));
-    let [stored_seen, deleted_seen, expired_seen] = [0, 1, 2].map(|i| registrations[i].armed());
+    let [stored_seen, deleted_seen, expired_seen] = [0, 1, 2].map(|i| registrations[i].heard());
 
     let _: () = client
         .set(

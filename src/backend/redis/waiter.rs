@@ -110,6 +110,17 @@ impl Registration<'_> {
     }
 }
 
+impl Registration<'_> {
+    /// Completes at the next notification about this key itself after the call, and at nothing
+    /// else (not at a wake-up of everyone): for the setup's probe, which must tell a notification
+    /// that arrived from a reconnect.
+    pub(super) fn heard(&self) -> impl std::future::Future<Output = ()> + '_ {
+        let mut key_changed = Box::pin(self.changed.notified());
+        key_changed.as_mut().enable();
+        key_changed
+    }
+}
+
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         // Counted under the map's shard lock, so a concurrent `register` either sees the slot
