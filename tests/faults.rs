@@ -25,6 +25,22 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// The local window's default staleness bound.
 const BOUND: Duration = Duration::from_secs(1);
 
+/// Two instances on `redis` with leases of `lease`, TTL a minute, followers counted in `parked`.
+fn leased_pair(
+    redis: &RedisServer,
+    lease: Duration,
+    parked: &Tally,
+    app: &axum::Router,
+) -> Vec<Instance> {
+    start_instances(
+        2,
+        redis,
+        |b| b.lease(lease),
+        || parking(parked, MINUTE),
+        app,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_is_seen_within_the_staleness_bound() {
     let redis = RedisServer::start();
@@ -68,13 +84,7 @@ async fn with_notifications_turned_off_parked_requests_wait_for_the_work_not_the
     let app = gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(5);
-    let instances = start_instances(
-        2,
-        &redis,
-        |b| b.lease(lease),
-        || parking(&parked, MINUTE),
-        &app,
-    );
+    let instances = leased_pair(&redis, lease, &parked, &app);
     let (a, b) = (&instances[0], &instances[1]);
     let client = HttpClient::new();
 
@@ -414,13 +424,7 @@ async fn a_killed_subscriber_connection_loses_no_wake_up() {
     let app = gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(10);
-    let instances = start_instances(
-        2,
-        &redis,
-        |b| b.lease(lease),
-        || parking(&parked, MINUTE),
-        &app,
-    );
+    let instances = leased_pair(&redis, lease, &parked, &app);
     let (a, b) = (&instances[0], &instances[1]);
     let client = HttpClient::new();
 
@@ -511,13 +515,7 @@ async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_le
     let app = first_run_gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(10);
-    let instances = start_instances(
-        2,
-        &redis,
-        |b| b.lease(lease),
-        || parking(&parked, MINUTE),
-        &app,
-    );
+    let instances = leased_pair(&redis, lease, &parked, &app);
     let (a, b) = (&instances[0], &instances[1]);
     let client = HttpClient::new();
 
