@@ -91,6 +91,7 @@ pub fn start_instances_on(
     layer: impl Fn() -> ParkingLayer,
     app: &Router,
 ) -> Vec<Instance> {
+    super::log_from_env();
     (0..n)
         .map(|_| Instance::start(backend(RedisBackend::builder(url)), layer(), app.clone()))
         .collect()

@@ -36,6 +36,17 @@ mod redis_server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Prints the library's `tracing` events to the test's output when `RUST_LOG` asks for them
+/// (`RUST_LOG=tower_parking=debug cargo test ... -- --nocapture`), to see why a fault test failed.
+pub fn log_from_env() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 #[cfg(feature = "redis")]
 pub use backend::{acquired, entry, payload, redis_key, sealed};
 pub use choreography::{
