@@ -11,14 +11,17 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    eventually,
+    acquired, eventually,
     fleet::{
         assert_all_served, first_run_gated_app, gated_app, outcomes, parking, slow_app,
         start_instances, urls, wait_all_in, SOON,
     },
-    redis_key, FaultProxy, Gate, HttpClient, Instance, RedisServer, Tally,
+    payload, redis_key, sealed, FaultProxy, Gate, HttpClient, Instance, RedisServer, Resp, Tally,
 };
-use tower_parking::{Key, RedisBackend, WaitTimeoutPolicy};
+use tower_parking::{
+    backend::{Acquire, Lookup},
+    Backend, Key, RedisBackend, WaitTimeoutPolicy,
+};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -616,4 +619,73 @@ async fn a_lock_evicted_under_maxmemory_wakes_its_waiters_with_the_e_flag() {
     gate.open();
     assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
     assert_eq!(runs.get(), 2, "the eviction costs one more run, no more");
+}
+
+/// A connection that drops after Redis ran an acquisition but before its reply arrived: the
+/// client sends the command again on a new connection. The caller must still learn that it leads
+/// (and store), not find its own lock held by "another" leader and wait out the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquisition_sent_again_after_a_dropped_reply_still_leads() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port()).await;
+    let lease = Duration::from_secs(30);
+    let behind = RedisBackend::builder(proxy.url())
+        .lease(lease)
+        .command_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .expect("the backend behind the proxy");
+    let direct = RedisBackend::builder(redis.url())
+        .build()
+        .await
+        .expect("the backend on Redis");
+    let key = Key::new("/resent");
+    let lock = redis_key(&key, "lock");
+
+    // The server knows the script (a first `EVALSHA` would only hear `NOSCRIPT`).
+    acquired(
+        behind
+            .acquire(&Key::new("/warm"), lease, Lookup::Check)
+            .await
+            .unwrap(),
+    );
+
+    proxy.mute_replies();
+    let acquisition = tokio::spawn({
+        let (behind, key) = (behind.clone(), key.clone());
+        async move { behind.acquire(&key, lease, Lookup::Check).await }
+    });
+    // Redis ran it: the lock is there, and its reply is lost with the connection.
+    eventually(SOON, "the acquisition to run in Redis", || {
+        let taken = redis.cmd(&["EXISTS", &lock]) == Resp::Integer(1);
+        async move { taken.then_some(()) }
+    })
+    .await;
+    proxy.pass();
+    proxy.reset();
+
+    let started = Instant::now();
+    let lease_taken = acquired(
+        acquisition
+            .await
+            .unwrap()
+            .expect("the acquisition answered"),
+    );
+    assert!(
+        started.elapsed() < lease / 2,
+        "answered after {:?}, not at the end of the lease",
+        started.elapsed()
+    );
+    assert!(behind
+        .complete(
+            &lease_taken,
+            sealed(&lease_taken, MINUTE, b"stored"),
+            MINUTE
+        )
+        .await
+        .expect("the leader stores"));
+    match direct.acquire(&key, lease, Lookup::Check).await.unwrap() {
+        Acquire::Fresh(value) => assert_eq!(payload(&value), "stored"),
+        other => panic!("expected the leader's value, got {other:?}"),
+    }
 }

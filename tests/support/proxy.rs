@@ -1,7 +1,7 @@
 //! A fault-injecting TCP proxy on loopback, to put between backends and Redis: it passes bytes
 //! through, or swallows them in both directions while keeping every connection open (a
-//! half-open connection, as a NAT or proxy that dropped it silently makes), or resets every
-//! connection at once.
+//! half-open connection, as a NAT or proxy that dropped it silently makes), or only the replies
+//! (commands run, their callers never hear), or resets every connection at once.
 
 use std::{
     net::SocketAddr,
@@ -22,6 +22,7 @@ use tokio::{
 pub struct FaultProxy {
     addr: SocketAddr,
     blackhole: Arc<AtomicBool>,
+    replies_muted: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     acceptor: JoinHandle<()>,
 }
@@ -32,15 +33,25 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
         let addr = listener.local_addr().unwrap();
         let blackhole = Arc::new(AtomicBool::new(false));
+        let replies_muted = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let acceptor = tokio::spawn({
-            let (blackhole, connections) = (Arc::clone(&blackhole), Arc::clone(&connections));
+            let (blackhole, replies_muted, connections) = (
+                Arc::clone(&blackhole),
+                Arc::clone(&replies_muted),
+                Arc::clone(&connections),
+            );
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
                         continue;
                     };
-                    let pump = tokio::spawn(pump(client, server, Arc::clone(&blackhole)));
+                    let pump = tokio::spawn(pump(
+                        client,
+                        server,
+                        Arc::clone(&blackhole),
+                        Arc::clone(&replies_muted),
+                    ));
                     connections.lock().unwrap().push(pump);
                 }
             }
@@ -48,6 +59,7 @@ impl FaultProxy {
         Self {
             addr,
             blackhole,
+            replies_muted,
             connections,
             acceptor,
         }
@@ -63,9 +75,15 @@ impl FaultProxy {
         self.blackhole.store(true, Ordering::SeqCst);
     }
 
-    /// Passes bytes through again.
+    /// Swallows the server's bytes from now on, passing the client's: commands still run.
+    pub fn mute_replies(&self) {
+        self.replies_muted.store(true, Ordering::SeqCst);
+    }
+
+    /// Passes bytes through again, both ways.
     pub fn pass(&self) {
         self.blackhole.store(false, Ordering::SeqCst);
+        self.replies_muted.store(false, Ordering::SeqCst);
     }
 
     /// Closes every open connection at once; new ones are accepted.
@@ -83,8 +101,14 @@ impl Drop for FaultProxy {
     }
 }
 
-/// Copies bytes both ways until either side closes, swallowing them while `blackhole` is set.
-async fn pump(client: TcpStream, server: TcpStream, blackhole: Arc<AtomicBool>) {
+/// Copies bytes both ways until either side closes, swallowing them while `blackhole` is set,
+/// and the server's while `replies_muted` is.
+async fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    blackhole: Arc<AtomicBool>,
+    replies_muted: Arc<AtomicBool>,
+) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let up = {
@@ -110,6 +134,7 @@ async fn pump(client: TcpStream, server: TcpStream, blackhole: Arc<AtomicBool>) 
                 break;
             }
             if !blackhole.load(Ordering::SeqCst)
+                && !replies_muted.load(Ordering::SeqCst)
                 && client_write.write_all(&buffer[..read]).await.is_err()
             {
                 break;

@@ -247,12 +247,20 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard` does: `IMPORTING`/`MIGRATING`, `MIGRATE` of every key, then
     /// `SETSLOT ... NODE` on both and on every other primary.
     pub fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
-        let id = |port: u16| self.node(port).cmd(&["CLUSTER", "MYID"]).text();
-        let (from_id, to_id) = (id(from), id(to));
+        self.begin_migration(slot, from, to);
+        self.finish_migration(slot, from, to);
+    }
+
+    fn node_id(&self, port: u16) -> String {
+        self.node(port).cmd(&["CLUSTER", "MYID"]).text()
+    }
+
+    /// The first half of [`migrate_slot`](Self::migrate_slot): `slot` is `MIGRATING` on `from`
+    /// and `IMPORTING` on `to`, and its keys are on `to`. A reshard that stopped here (its tool
+    /// crashed) leaves the slot so until an operator runs `redis-cli --cluster fix`.
+    pub fn begin_migration(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
         let slot_text = slot.to_string();
-        let ok = |reply: Resp, what: &str| {
-            assert_eq!(reply, Resp::Simple("OK".into()), "{what}");
-        };
         ok(
             self.node(to)
                 .cmd(&["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id]),
@@ -279,6 +287,13 @@ impl RedisCluster {
             migrate.extend(keys.iter().map(String::as_str));
             ok(self.node(from).cmd(&migrate), "migrate");
         }
+    }
+
+    /// The second half of [`migrate_slot`](Self::migrate_slot): `to` owns `slot`, for every
+    /// primary.
+    pub fn finish_migration(&self, slot: u16, from: u16, to: u16) {
+        let to_id = self.node_id(to);
+        let slot_text = slot.to_string();
         for port in [to, from] {
             ok(
                 self.node(port)
@@ -294,6 +309,11 @@ impl RedisCluster {
             }
         }
     }
+}
+
+/// Asserts a node answered `OK` to `what`.
+fn ok(reply: Resp, what: &str) {
+    assert_eq!(reply, Resp::Simple("OK".into()), "{what}");
 }
 
 fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {

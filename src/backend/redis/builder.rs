@@ -8,7 +8,7 @@ use fred::{
     interfaces::{ClientLike, ConfigInterface, KeysInterface},
     types::{
         config::{Config, ReconnectPolicy, UnresponsiveConfig},
-        Builder, Expiration, Value,
+        Builder, ConnectHandle, Expiration, Value,
     },
 };
 
@@ -43,6 +43,9 @@ const FORBIDDEN_IN_PREFIX: &[char] = &['{', '}', '*', '?', '[', ']', '\\'];
 /// How many keyspace notifications may queue between the subscriber connection and the
 /// dispatcher before the dispatcher wakes every waiter to re-check instead.
 const NOTIFICATION_BACKLOG: usize = 16 * 1024;
+
+/// How many `MOVED` or `ASK` redirections a command follows (fred's default).
+const MAX_REDIRECTIONS: u32 = 5;
 
 /// Builds a [`RedisBackend`].
 ///
@@ -184,12 +187,12 @@ impl RedisBackendBuilder {
         let db = config.database.unwrap_or(0);
         let (client, subscriber) = self.clients(config.clone())?;
         let connected = async {
-            client.init().await?;
-            subscriber.init().await
+            let client_task = client.init().await?;
+            Ok::<_, FredError>((client_task, subscriber.init().await?))
         };
         match connected.await {
-            Ok(_) => {
-                self.assemble(config, db, client, subscriber, Joined::AtBuild)
+            Ok(tasks) => {
+                self.assemble(config, db, client, subscriber, tasks, Joined::AtBuild)
                     .await
             }
             Err(error)
@@ -203,8 +206,8 @@ impl RedisBackendBuilder {
                 let mut config = config;
                 config.fail_fast = false;
                 let (client, subscriber) = self.clients(config.clone())?;
-                let (_, _) = (client.connect(), subscriber.connect());
-                self.assemble(config, db, client, subscriber, Joined::Later)
+                let tasks = (client.connect(), subscriber.connect());
+                self.assemble(config, db, client, subscriber, tasks, Joined::Later)
                     .await
             }
             Err(error) => {
@@ -222,6 +225,7 @@ impl RedisBackendBuilder {
         db: u8,
         client: Client,
         subscriber: SubscriberClient,
+        (client_task, subscriber_task): (ConnectHandle, ConnectHandle),
         joined: Joined,
     ) -> Result<RedisBackend, RedisSetupError> {
         // The streams exist before the subscription is acknowledged: nothing after it is lost.
@@ -261,9 +265,17 @@ impl RedisBackendBuilder {
             config: config.clone(),
             command_timeout: self.command_timeout,
         };
+        let connections = futures_util::future::join(
+            keep_connected(client.clone(), client_task),
+            keep_connected(subscriber.clone(), subscriber_task),
+        );
         let dispatcher = match joined {
-            Joined::AtBuild => tokio::spawn(waiter::dispatch(dispatch, streams)),
-            Joined::Later => tokio::spawn(join_then_dispatch(dispatch, streams)),
+            Joined::AtBuild => tokio::spawn(async move {
+                tokio::join!(waiter::dispatch(dispatch, streams), connections);
+            }),
+            Joined::Later => tokio::spawn(async move {
+                tokio::join!(join_then_dispatch(dispatch, streams), connections);
+            }),
         };
         let renew_every = self.renew_every.unwrap_or(self.lease / 3);
         // From here on, dropping the backend closes the connections and stops the dispatcher.
@@ -303,9 +315,16 @@ impl RedisBackendBuilder {
             .with_connection_config(|connection| {
                 connection.connection_timeout = self.command_timeout.max(Duration::from_secs(2));
                 connection.internal_command_timeout = connection.connection_timeout;
-                // A command cut off by a dropped connection fails instead of running again on the
-                // next one: an acquire must not take a lock its caller never hears about.
-                connection.max_command_attempts = 1;
+                // fred 10.1 follows an `ASK` redirection (a slot being migrated) by sending
+                // `ASKING` to the new node, then the command to the old one again, which answers
+                // `ASK` again, until the command runs out of redirections (its caller gets an
+                // error, and `Script::run` tries again later) or of attempts (fred stops the whole
+                // client). So a command has an attempt more than it has redirections. The
+                // attempts also resend a command cut off by a dropped connection: every script is
+                // safe to run twice (an acquisition finds the lock its nonce took), and one whose
+                // caller gave up is abandoned by its nonce.
+                connection.max_redirections = MAX_REDIRECTIONS;
+                connection.max_command_attempts = MAX_REDIRECTIONS + 2;
                 connection.tcp.nodelay = Some(true);
                 // A half-open connection (dropped silently by a proxy or NAT) is noticed when a
                 // command or PING on it goes unanswered this long, and made again.
@@ -325,6 +344,31 @@ impl RedisBackendBuilder {
         Ok((client, subscriber))
     }
 }
+
+/// Keeps a client's connection task running for as long as the backend lives (dropping the
+/// backend stops this with the dispatcher).
+///
+/// The task only ends on its own on an error fred does not reconnect from (fred 10.1: an `ASK`
+/// redirection for a command without an attempt left), and with it every later command of the
+/// client would time out: a process would serve without the fleet until restarted. Starting it
+/// again costs the commands that were in flight, nothing more.
+async fn keep_connected<C: ClientLike>(client: C, mut task: ConnectHandle) {
+    loop {
+        let error = match task.await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) if error.is_canceled() => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(join_error) => join_error.to_string(),
+        };
+        tracing::warn!(client = client.id(), %error, "a Redis connection task stopped: starting it again");
+        tokio::time::sleep(RESTART_PAUSE).await;
+        task = client.connect();
+    }
+}
+
+/// How long a stopped connection task waits before it starts again: not a busy loop should it
+/// stop again at once.
+const RESTART_PAUSE: Duration = Duration::from_millis(50);
 
 /// Whether the backend connected while it was built, or starts without Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

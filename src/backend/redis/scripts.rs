@@ -7,7 +7,7 @@
 
 use fred::{
     clients::Client,
-    error::Error,
+    error::{Error, ErrorKind},
     interfaces::LuaInterface,
     types::{MultipleKeys, Value},
 };
@@ -59,7 +59,9 @@ end
 
 /// KEYS: resp, lock, fence, gen. ARGV: lookup ('1' or '0'), lease ms, nonce, fence ttl ms, now
 /// (µs). Returns `{'fresh', entry, entry pttl}`, `{'acquired', fence, token[, stale entry]}` or
-/// `{'held', lock pttl, holder's fence[, stale entry]}`.
+/// `{'held', lock pttl, holder's fence[, stale entry]}`. An acquisition run twice (the client
+/// sends a command again when its connection dropped before the reply) finds the lock its nonce
+/// took and is answered `acquired` again, not `held` by itself.
 const ACQUIRE: &str = concat!(
     next_fence_lua!(),
     stored_lua!(),
@@ -71,9 +73,16 @@ if value and ARGV[1] == '1' then
     return {'fresh', value, redis.call('PTTL', KEYS[1])}
   end
 end
+local lock = redis.call('GET', KEYS[2])
+if lock and string.find(lock, ':' .. ARGV[3] .. ':', 1, true) then
+  -- This acquisition, sent again after its connection dropped before the reply: it holds the lock.
+  local fence = string.match(lock, '^(%d+):')
+  if value then return {'acquired', fence, lock, value} end
+  return {'acquired', fence, lock}
+end
 local pttl = redis.call('PTTL', KEYS[2])
 if pttl ~= -2 then
-  local holder = string.match(redis.call('GET', KEYS[2]) or '', '^(%d+):') or '0'
+  local holder = string.match(lock or '', '^(%d+):') or '0'
   if value then return {'held', pttl, holder, value} end
   return {'held', pttl, holder}
 end
@@ -177,7 +186,8 @@ impl Script {
         }
     }
 
-    /// Runs the script, loading it again if the server forgot it.
+    /// Runs the script, loading it again if the server forgot it, and again a little later while
+    /// its slot is being migrated (see [`migrating`]).
     pub(super) async fn run(
         &self,
         client: &Client,
@@ -185,20 +195,47 @@ impl Script {
         args: Vec<Value>,
     ) -> Result<Value, Error> {
         let keys = MultipleKeys::from(keys);
-        match client
-            .evalsha(self.sha.as_str(), keys.clone(), args.clone())
-            .await
-        {
-            Err(error) if error.details().starts_with("NOSCRIPT") => {
-                // On every primary of a cluster (the key's node may be a new one), on the one
-                // server otherwise.
-                let _: String = client.script_load_cluster(self.lua).await?;
-                client.evalsha(self.sha.as_str(), keys, args).await
+        let mut retries = TRYAGAIN_RETRIES;
+        loop {
+            let result = match client
+                .evalsha(self.sha.as_str(), keys.clone(), args.clone())
+                .await
+            {
+                Err(error) if error.details().starts_with("NOSCRIPT") => {
+                    // On every primary of a cluster (the key's node may be a new one), on the one
+                    // server otherwise.
+                    let _: String = client.script_load_cluster(self.lua).await?;
+                    client
+                        .evalsha(self.sha.as_str(), keys.clone(), args.clone())
+                        .await
+                }
+                result => result,
+            };
+            match result {
+                Err(error) if retries > 0 && migrating(&error) => {
+                    retries -= 1;
+                    tokio::time::sleep(TRYAGAIN_PAUSE).await;
+                }
+                result => return result,
             }
-            result => result,
         }
     }
 }
+
+/// Whether a script failed because its slot is being migrated to another node: its keys are split
+/// between the two (`TRYAGAIN`), or the client followed `ASK` redirections until it gave up (fred
+/// 10.1 sends the command back to the old node after `ASKING` the new one). Either ends when the
+/// migration does.
+fn migrating(error: &Error) -> bool {
+    error.details().starts_with("TRYAGAIN")
+        || (*error.kind() == ErrorKind::Routing && error.details().contains("redirections"))
+}
+
+/// How often a script that failed because its slot is being migrated runs again, and how long
+/// after. A slot is migrated in milliseconds per batch of keys; past that, the error reaches the
+/// caller, which serves without the fleet as for any Redis failure.
+const TRYAGAIN_RETRIES: u32 = 10;
+const TRYAGAIN_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Every script of the protocol, loaded.
 #[derive(Debug)]
