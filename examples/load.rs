@@ -8,10 +8,12 @@
 //! - `no coalescing`: `/bare/{key}` on the 4 processes;
 //! - `in-process only`: `/slow/{key}` on the memory backend (each process coalesces alone);
 //! - `tower-parking + Redis`: `/slow/{key}` with `--redis`;
+//! - `tower-parking + Redis Cluster`: the same on a cluster of 3 primaries (3 more
+//!   redis-servers, made a cluster with `redis-cli --cluster create`);
 //! - `nginx proxy_cache_lock`: nginx (4 workers) in front of `/bare/{key}` of the 4 processes.
 //!
-//! Then the steady-state hit path with wrk: requests per second of a warm `/slow/{key}` against
-//! `/bare/{key}` with no work.
+//! Then the steady-state hit path with wrk: requests per second of a warm `/slow/{key}` (memory
+//! backend, Redis, Redis Cluster) against `/bare/{key}` with no work.
 //!
 //! Then steady load across TTL windows (issue 9; `--steady-only` runs it alone, in under a
 //! minute): 4 processes on the Redis per strategy, TTL 1 s, W = 300 ms, one key, requests at a
@@ -52,7 +54,7 @@ use tokio::{
 const USAGE: &str = "\
 usage: load [--requests N] [--work-ms W[,W...]] [--repeats R] [--ttl-ms T] [--wrk-seconds S]
             [--steady-rate R] [--steady-seconds S] [--steady-only] [--no-steady]
-            [--server PATH] [--out DIR] [--no-nginx] [--no-wrk]
+            [--server PATH] [--out DIR] [--no-nginx] [--no-cluster] [--no-wrk]
 
   --requests N        burst size, spread evenly over the 4 processes      (default 400)
   --work-ms W,...     handler work per set of bursts, in milliseconds      (default 300,50)
@@ -68,12 +70,14 @@ usage: load [--requests N] [--work-ms W[,W...]] [--repeats R] [--ttl-ms T] [--wr
   --out DIR           where load-results.md, load-latency.svg and stale-latency.svg go
                                                                             (default docs)
   --no-nginx          skip the nginx strategy
+  --no-cluster        skip the Redis Cluster strategy (3 primaries)
   --no-wrk            skip the hit-path measurement";
 
 const PROCESSES: usize = 4;
 const NO_COALESCING: &str = "no coalescing";
 const IN_PROCESS: &str = "in-process only";
 const REDIS: &str = "tower-parking + Redis";
+const REDIS_CLUSTER: &str = "tower-parking + Redis Cluster";
 const NGINX: &str = "nginx proxy_cache_lock";
 const WORKER_THREADS: &str = "2";
 
@@ -90,6 +94,7 @@ struct Options {
     server: PathBuf,
     out: PathBuf,
     nginx: bool,
+    cluster: bool,
     wrk: bool,
 }
 
@@ -108,6 +113,7 @@ fn parse_options() -> Result<Options, String> {
         server: exe.with_file_name("server"),
         out: PathBuf::from("docs"),
         nginx: true,
+        cluster: true,
         wrk: true,
     };
     let mut args = std::env::args().skip(1);
@@ -138,6 +144,7 @@ fn parse_options() -> Result<Options, String> {
             "--server" => options.server = PathBuf::from(value()?),
             "--out" => options.out = PathBuf::from(value()?),
             "--no-nginx" => options.nginx = false,
+            "--no-cluster" => options.cluster = false,
             "--no-wrk" => options.wrk = false,
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -229,6 +236,77 @@ async fn start_redis(dir: &Path) -> Result<(Killed, String), String> {
     let child = Killed(child);
     wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "redis-server").await?;
     Ok((child, format!("redis://127.0.0.1:{port}")))
+}
+
+/// Starts 3 redis-servers in cluster mode, makes them a cluster of 3 primaries (no replicas: the
+/// harness measures the fleet's protocol, not failover) and waits until every node says the
+/// cluster is ok. Returns the nodes and the cluster's URL, with every node as a seed.
+async fn start_redis_cluster(dir: &Path) -> Result<(Vec<Killed>, String), String> {
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let (port, bus) = (free_port()?, free_port()?);
+        let node_dir = dir.join(format!("cluster-{port}"));
+        std::fs::create_dir_all(&node_dir).map_err(|e| e.to_string())?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--notify-keyspace-events", "Kg$x"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+            ])
+            .args(["--cluster-config-file", "nodes.conf", "--dir"])
+            .arg(&node_dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("cannot start redis-server ({e}): run scripts/load, which installs it")
+            })?;
+        nodes.push(Killed(child));
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "redis-server").await?;
+        ports.push(port);
+    }
+    let addresses: Vec<String> = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run redis-cli ({e}): run scripts/load, which installs it"))?;
+    if !created.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for port in &ports {
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "CLUSTER", "INFO"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the cluster's node {port} is not ok after 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let seeds: Vec<String> = addresses[1..].iter().map(|a| format!("node={a}")).collect();
+    Ok((
+        nodes,
+        format!("redis-cluster://{}?{}", addresses[0], seeds.join("&")),
+    ))
 }
 
 /// One server example process, started with `args`; returns once it printed its address.
@@ -579,9 +657,17 @@ async fn run(options: Options) -> Result<(), String> {
     let dir = tempdir()?;
     let (_redis, redis_url) = start_redis(&dir).await?;
     println!("redis-server at {redis_url}; {PROCESSES} server processes per strategy, {WORKER_THREADS} worker threads each");
+    let (_cluster, cluster_url) = match options.cluster && options.bursts {
+        true => {
+            let (nodes, url) = start_redis_cluster(&dir).await?;
+            println!("Redis Cluster at {url}");
+            (nodes, Some(url))
+        }
+        false => (Vec::new(), None),
+    };
 
     let bursts = match options.bursts {
-        true => Some(run_bursts(&options, &redis_url, &dir).await?),
+        true => Some(run_bursts(&options, &redis_url, cluster_url.as_deref(), &dir).await?),
         false => None,
     };
     let steady = match options.steady {
@@ -633,19 +719,24 @@ async fn run(options: Options) -> Result<(), String> {
 async fn run_bursts(
     options: &Options,
     redis_url: &str,
+    cluster_url: Option<&str>,
     dir: &Path,
 ) -> Result<(Vec<Run>, Option<HitPath>), String> {
     let mut runs = Vec::new();
     for &work_ms in &options.work_ms {
         let memory = start_fleet(options, work_ms, None)?;
         let redis = start_fleet(options, work_ms, Some(redis_url))?;
+        let cluster = match cluster_url {
+            Some(url) => Some(start_fleet(options, work_ms, Some(url))?),
+            None => None,
+        };
         let nginx_dir = dir.join(format!("nginx-{work_ms}"));
         std::fs::create_dir_all(&nginx_dir).map_err(|e| e.to_string())?;
         let nginx = match options.nginx {
             true => Some(start_nginx(&nginx_dir, &memory.addrs, options.ttl_ms).await?),
             false => None,
         };
-        let fleets = [&memory, &redis];
+        let mut fleets = vec![&memory, &redis];
         let mut strategies = vec![
             Strategy {
                 name: NO_COALESCING,
@@ -669,6 +760,16 @@ async fn run_bursts(
                 counter: "executions",
             },
         ];
+        if let Some(cluster) = &cluster {
+            fleets.push(cluster);
+            strategies.push(Strategy {
+                name: REDIS_CLUSTER,
+                targets: cluster.addrs.clone(),
+                path: "slow",
+                fleet: fleets.len() - 1,
+                counter: "executions",
+            });
+        }
         if let Some((_, addr)) = &nginx {
             strategies.push(Strategy {
                 name: NGINX,
@@ -695,18 +796,18 @@ async fn run_bursts(
                 let after = executions(fleets[strategy.fleet], strategy.counter).await?;
                 let run = Run::new(work_ms, strategy.name, run, after - before, &answers);
                 println!(
-                    "W={work_ms:>3} ms  {:<24} run {}  handler runs {:>3}  p50 {:>7.1}  p99 {:>7.1}  max {:>7.1} ms",
+                    "W={work_ms:>3} ms  {:<29} run {}  handler runs {:>3}  p50 {:>7.1}  p99 {:>7.1}  max {:>7.1} ms",
                     run.strategy, run.run, run.handler_runs, run.p(50.0), run.p(99.0), run.p(100.0)
                 );
                 runs.push(run);
             }
         }
         drop(nginx);
-        drop((memory, redis));
+        drop((memory, redis, cluster));
     }
 
     let hit_path = match options.wrk {
-        true => Some(measure_hit_path(options, redis_url).await?),
+        true => Some(measure_hit_path(options, redis_url, cluster_url).await?),
         false => None,
     };
     Ok((runs, hit_path))
@@ -733,10 +834,18 @@ struct HitPath {
     rows: Vec<(&'static str, f64)>,
 }
 
-async fn measure_hit_path(options: &Options, redis_url: &str) -> Result<HitPath, String> {
+async fn measure_hit_path(
+    options: &Options,
+    redis_url: &str,
+    cluster_url: Option<&str>,
+) -> Result<HitPath, String> {
     let memory = start_fleet(options, 0, None)?;
     let redis = start_fleet(options, 0, Some(redis_url))?;
-    let targets = [
+    let cluster = match cluster_url {
+        Some(url) => Some(start_fleet(options, 0, Some(url))?),
+        None => None,
+    };
+    let mut targets = vec![
         (
             "/bare/{key}, no work (baseline)",
             memory.addrs[0],
@@ -753,6 +862,13 @@ async fn measure_hit_path(options: &Options, redis_url: &str) -> Result<HitPath,
             "/slow/warm",
         ),
     ];
+    if let Some(cluster) = &cluster {
+        targets.push((
+            "/slow/{key} hit, Redis Cluster backend",
+            cluster.addrs[0],
+            "/slow/warm",
+        ));
+    }
     let mut rows = Vec::new();
     for (name, addr, path) in targets {
         // Warm the key (and the connection pools) before measuring.
@@ -838,11 +954,18 @@ fn report(options: &Options, runs: &[Run], hit_path: Option<&HitPath>) -> String
             out,
             "\nFollowers' wait beyond W, worst p99 over the runs: tower-parking + Redis {ours:.1} ms. \
              Floor: {floor:.1} ms for no coalescing, where nobody waits for anybody, so it is what a \
-             burst of {} requests costs on this machine alone; tower-parking + Redis is {:.1} ms \
-             above it.",
+             burst of {} requests costs on this machine alone; tower-parking + Redis is {} it.",
             options.requests,
-            ours - floor
+            against_floor(ours - floor)
         );
+        let cluster = worst_p99(REDIS_CLUSTER);
+        if !cluster.is_nan() {
+            let _ = write!(
+                out,
+                " On a Redis Cluster of 3 primaries: {cluster:.1} ms, {} the floor.",
+                against_floor(cluster - floor)
+            );
+        }
         let nginx = worst_p99(NGINX);
         if !nginx.is_nan() {
             let _ = write!(
@@ -865,11 +988,19 @@ fn report(options: &Options, runs: &[Run], hit_path: Option<&HitPath>) -> String
     out
 }
 
+/// `2.1 ms above` or `0.3 ms below`: a difference to the floor, which noise can make negative.
+fn against_floor(difference: f64) -> String {
+    match difference >= 0.0 {
+        true => format!("{difference:.1} ms above"),
+        false => format!("{:.1} ms below", -difference),
+    }
+}
+
 /// A latency distribution plot: one panel per work duration, one curve per strategy (all runs
 /// pooled): the share of requests answered within a wait beyond W, on a log axis, so a waiter
 /// that polls every 500 ms and one woken within a millisecond are told apart at a glance.
 fn plot(runs: &[Run], work: &[u64]) -> String {
-    const COLORS: [&str; 4] = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"];
+    const COLORS: [&str; 5] = ["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#1f77b4"];
     const LOWEST_MS: f64 = 0.5;
     let (panel_w, panel_h, margin) = (520.0, 300.0, 70.0);
     let width = margin + work.len() as f64 * (panel_w + margin);
