@@ -2,7 +2,8 @@
 //! Sentinel set (a primary, a replica, 3 sentinels), started by `support::redis_cluster`
 //! (issue 10): one run per key across instances and primaries, and at most one extra run, with
 //! every request answered within lease + failover time + 1 s, through a killed primary, a slot
-//! migrated away, a `SENTINEL FAILOVER` and a killed Sentinel primary.
+//! migrated away (or left half-migrated), a `SENTINEL FAILOVER` and a killed Sentinel primary;
+//! and a local window that serves nothing the new primary no longer holds beyond its bound.
 #![cfg(feature = "redis")]
 
 mod support;
@@ -13,12 +14,13 @@ use std::{
 };
 
 use support::{
+    eventually,
     fleet::{
         assert_all_served, first_run_gated_app, outcomes, parking, slow_app, start_instances_on,
         urls, SOON,
     },
     redis_cluster::{spread, RedisCluster, SentinelSet},
-    redis_key, Gate, HttpClient, Instance, Tally,
+    redis_key, Gate, HttpClient, Instance, RedisServer, Reply, Tally,
 };
 use tower_parking::{Key, RedisBackend, RedisSetupError};
 
@@ -189,6 +191,131 @@ async fn killing_the_primary_of_a_parked_key_costs_at_most_one_run() {
         killed.elapsed()
     })
     .await;
+}
+
+/// The `cmdstat_evalsha` line of a node's `INFO commandstats` (every read of the backend is a
+/// script): unchanged across a request, the request was answered without asking that node.
+fn scripts_run_on(node: &RedisServer) -> Option<String> {
+    node.cmd(&["INFO", "commandstats"])
+        .text()
+        .lines()
+        .find(|line| line.starts_with("cmdstat_evalsha:"))
+        .map(str::to_owned)
+}
+
+/// `instance`'s answer to `path` if it came from its local window: a `200` hit with `body` for
+/// which `primary`, the owner of the key's slot, ran no script.
+async fn from_window(
+    client: &HttpClient,
+    instance: &Instance,
+    primary: &RedisServer,
+    path: &str,
+    body: &str,
+) -> Option<Reply> {
+    let before = scripts_run_on(primary);
+    let reply = client.get(&instance.url(path)).await.unwrap();
+    assert_eq!(reply.status.as_u16(), 200, "{reply:?}");
+    (reply.outcome() == "hit" && reply.text() == body && scripts_run_on(primary) == before)
+        .then_some(reply)
+}
+
+/// Asks `instance` for `path` every 20 ms from `removed` on, until it answers something else than
+/// `body`, every answer a `200`: how long after `removed` it last answered `body` (if it did),
+/// and the answer that followed.
+async fn served_after(
+    client: &HttpClient,
+    instance: &Instance,
+    path: &str,
+    body: &str,
+    removed: Instant,
+) -> (Option<Duration>, String) {
+    let mut served_for = None;
+    loop {
+        let reply = client.get(&instance.url(path)).await.unwrap();
+        assert_eq!(reply.status.as_u16(), 200, "{reply:?}");
+        if reply.text() != body {
+            return (served_for, reply.text());
+        }
+        served_for = Some(removed.elapsed());
+        assert!(
+            removed.elapsed() < SOON,
+            "{body:?} still served {:?} after it was removed",
+            removed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Users rely on the local window staying coherent through a failover: once the primary that
+/// took over no longer holds a response, no instance serves it from its local window for longer
+/// than the staleness bound the backend documents (`local_window_staleness`, 1 s by default).
+/// The key is in the second instance's window when its primary dies, and again, read from the
+/// new primary, when the new primary deletes it: first with the notification that drops the
+/// copy, then without (a promoted replica whose notification flags were never set), when only
+/// the bound does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_local_window_serves_a_deleted_response_no_longer_than_its_bound() {
+    /// The backend's default `local_window_staleness`.
+    const BOUND: Duration = Duration::from_secs(1);
+    /// Allowed on top of the bound on a loaded 2-core machine (a slow request, a late beat).
+    const MARGIN: Duration = Duration::from_secs(1);
+    let mut cluster = RedisCluster::start();
+    let path = "/slow/k";
+    let resp = redis_key(&Key::new(path), "resp");
+    let slot = cluster.keyslot(&resp);
+    let runs = Tally::new();
+    let app = slow_app(&runs, |_, _| async {});
+    let parked = Tally::new();
+    let instances = start_instances_on(2, &cluster.url(), |b| b, || parking(&parked, MINUTE), &app);
+    let (first, second) = (&instances[0], &instances[1]);
+    let client = HttpClient::new();
+    let reply = client.get(&first.url(path)).await.unwrap();
+    assert_eq!(
+        (reply.outcome(), reply.text().as_str()),
+        ("miss", "k run 1")
+    );
+
+    let old = cluster.owner(slot);
+    eventually(SOON, "the key in the window", || {
+        from_window(&client, second, cluster.node(old), path, "k run 1")
+    })
+    .await;
+    let new = tokio::task::block_in_place(|| {
+        cluster.wait_for_replica(old);
+        cluster.kill(old);
+        cluster.wait_for_failover(slot, old)
+    });
+    let primary = cluster.node(new);
+    assert_eq!(
+        primary.cmd(&["EXISTS", &resp]).integer(),
+        1,
+        "the replica that took over holds the response"
+    );
+
+    let mut body = "k run 1".to_owned();
+    for notified in [true, false] {
+        // Served from the window: a copy read from the new primary, trusted only while the
+        // backend hears the new primary's notifications.
+        eventually(SOON, "the key in the window after the failover", || {
+            from_window(&client, second, primary, path, &body)
+        })
+        .await;
+        if !notified {
+            let off = primary.cmd(&["CONFIG", "SET", "notify-keyspace-events", ""]);
+            assert_eq!(off.text(), "OK");
+        }
+        let deleted = Instant::now();
+        assert_eq!(primary.cmd(&["DEL", &resp]).integer(), 1);
+        let (served_for, next) = served_after(&client, second, path, &body, deleted).await;
+        eprintln!("notified {notified}: {body:?} served for {served_for:?} after its deletion");
+        assert!(
+            served_for.is_none_or(|served_for| served_for <= BOUND + MARGIN),
+            "notified {notified}: {body:?} served {served_for:?} after the new primary deleted \
+             it; bound {BOUND:?} + {MARGIN:?}"
+        );
+        assert!(next.starts_with("k run "), "{next:?}");
+        body = next;
+    }
 }
 
 /// The followers woken by `MIGRATE`'s deletions look again while the slot is `MIGRATING`, and

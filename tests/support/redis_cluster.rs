@@ -243,6 +243,23 @@ impl RedisCluster {
         })
     }
 
+    /// Waits until the replica of the primary on `port` has applied every write the primary had
+    /// made when called (replication is asynchronous: a failover loses what the replica lacks).
+    pub fn wait_for_replica(&self, port: u16) {
+        let info = self.node(port).cmd(&["INFO", "replication"]).text();
+        let written = info_field(&info, "master_repl_offset");
+        let replica: u16 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("slave0:"))
+            .and_then(|slave| slave.split(',').find_map(|kv| kv.strip_prefix("port=")))
+            .and_then(|replica| replica.parse().ok())
+            .unwrap_or_else(|| panic!("no replica of {port}: {info}"));
+        until(CONVERGE, "the replica to catch up", || {
+            let info = self.node(replica).cmd(&["INFO", "replication"]).text();
+            (info_field(&info, "slave_repl_offset") >= written).then_some(())
+        });
+    }
+
     /// Moves `slot`, with its keys, from the primary on `from` to the one on `to`, as
     /// `redis-cli --cluster reshard` does: `IMPORTING`/`MIGRATING`, `MIGRATE` of every key, then
     /// `SETSLOT ... NODE` on both and on every other primary.
@@ -309,6 +326,14 @@ impl RedisCluster {
             }
         }
     }
+}
+
+/// The number `name:` holds in an `INFO` section.
+fn info_field(info: &str, name: &str) -> u64 {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
 }
 
 /// Asserts a node answered `OK` to `what`.
