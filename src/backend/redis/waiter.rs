@@ -30,7 +30,10 @@ use fred::{
 };
 use futures_util::future::join_all;
 use tokio::sync::{
-    broadcast::{error::RecvError, Receiver},
+    broadcast::{
+        error::{RecvError, TryRecvError},
+        Receiver,
+    },
     Notify,
 };
 
@@ -431,16 +434,35 @@ async fn wake_on_notifications(
             // subscriber learns the new primaries (the command client may have found out first,
             // from a `MOVED`), subscribes on each of them, and every waiter re-checks, since a
             // moved key's notifications come from another node from now on.
+            // A failover reports many changes within milliseconds (every `MOVED` the clients
+            // meet): the ones already queued are followed with this one.
             changed = topology.recv() => match changed {
-                Ok(_) | Err(RecvError::Lagged(_)) => follow_topology(dispatch, false).await,
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    let from_commands = drain(&mut command_topology);
+                    drain(&mut topology);
+                    follow_topology(dispatch, from_commands).await
+                }
                 Err(RecvError::Closed) => break,
             },
             changed = command_topology.recv() => match changed {
-                Ok(_) | Err(RecvError::Lagged(_)) => follow_topology(dispatch, true).await,
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    drain(&mut command_topology);
+                    drain(&mut topology);
+                    follow_topology(dispatch, true).await
+                }
                 Err(RecvError::Closed) => break,
             },
         }
     }
+}
+
+/// Empties a channel of the events queued on it; whether there were any.
+fn drain<T: Clone>(events: &mut Receiver<T>) -> bool {
+    let mut any = false;
+    while matches!(events.try_recv(), Ok(_) | Err(TryRecvError::Lagged(_))) {
+        any = true;
+    }
+    any
 }
 
 /// After a change of the cluster's topology: subscribed on every primary there is now, then every
