@@ -195,7 +195,7 @@ impl Script {
         args: Vec<Value>,
     ) -> Result<Value, Error> {
         let keys = MultipleKeys::from(keys);
-        let mut retries = TRYAGAIN_RETRIES;
+        let mut retries = MIGRATING_RETRIES;
         loop {
             let result = match client
                 .evalsha(self.sha.as_str(), keys.clone(), args.clone())
@@ -214,7 +214,7 @@ impl Script {
             match result {
                 Err(error) if retries > 0 && migrating(&error) => {
                     retries -= 1;
-                    tokio::time::sleep(TRYAGAIN_PAUSE).await;
+                    tokio::time::sleep(MIGRATING_PAUSE).await;
                 }
                 result => return result,
             }
@@ -234,8 +234,8 @@ fn migrating(error: &Error) -> bool {
 /// How often a script that failed because its slot is being migrated runs again, and how long
 /// after. A slot is migrated in milliseconds per batch of keys; past that, the error reaches the
 /// caller, which serves without the fleet as for any Redis failure.
-const TRYAGAIN_RETRIES: u32 = 10;
-const TRYAGAIN_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+const MIGRATING_RETRIES: u32 = 10;
+const MIGRATING_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Every script of the protocol, loaded.
 #[derive(Debug)]
