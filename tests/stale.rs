@@ -12,20 +12,20 @@
 
 mod support;
 
-use std::{
-    io,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
 use axum::{
     body::Body,
-    http::{request::Parts, HeaderValue, Request, Response, StatusCode},
+    http::{request::Parts, Request, Response},
     routing::get,
     Router,
 };
 use futures_util::future::join_all;
-use support::{burst, quiet_deliberate_panics, within, Got, Work, DELIBERATE};
+use support::{
+    burst,
+    origin::{Answer, ScriptedOrigin},
+    quiet_deliberate_panics, within, Got, Work,
+};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tower_parking::{
@@ -66,142 +66,17 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     panic!("{what}: still not so after 10 000 turns of the scheduler");
 }
 
-/// What the origin answers, from the run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Answer {
-    /// `200`, body `run N`, with the origin's `Cache-Control`, if any.
-    Fine,
-    /// `503`, body `failed run N`.
-    ServerError,
-    /// The handler panics.
-    Panic,
-    /// `200` with `Cache-Control: private`, body `private run N`: it may not be stored.
-    Private,
-}
-
-/// The origin handler: `GET /report` counts its runs and when each started (on the paused
-/// clock), waits at its gate (every run, or only the run it was told to hold), takes its time,
-/// then answers as told; `POST /report` answers `saved` (a successful write).
-#[derive(Clone)]
-struct Origin {
-    work: Work,
-    held_run: Arc<Mutex<Option<usize>>>,
-    answer: Arc<Mutex<Answer>>,
-    cache_control: Option<&'static str>,
-    takes: Duration,
-    started: Arc<Mutex<Vec<Instant>>>,
-    running: Arc<Mutex<(usize, usize)>>,
-}
-
-impl Origin {
-    /// An origin that answers `run N` at once, its gate open.
-    fn new() -> Self {
-        Self {
-            work: Work::free(),
-            held_run: Arc::default(),
-            answer: Arc::new(Mutex::new(Answer::Fine)),
-            cache_control: None,
-            takes: Duration::ZERO,
-            started: Arc::default(),
-            running: Arc::default(),
-        }
-    }
-
-    /// Its `200`s carry `Cache-Control: directives`.
-    fn stating(directives: &'static str) -> Self {
-        Self {
-            cache_control: Some(directives),
-            ..Self::new()
-        }
-    }
-
-    /// Each run takes `takes` (on the paused clock).
-    fn taking(takes: Duration) -> Self {
-        Self {
-            takes,
-            ..Self::new()
-        }
-    }
-
-    /// Runs that start from now on answer this way.
-    fn answer(&self, answer: Answer) {
-        *self.answer.lock().unwrap() = answer;
-    }
-
-    /// Only run `run` waits at the gate (when closed); the others go through.
-    fn hold_only(&self, run: usize) {
-        *self.held_run.lock().unwrap() = Some(run);
-    }
-
-    fn runs(&self) -> usize {
-        self.work.runs()
-    }
-
-    /// When each run started.
-    fn started(&self) -> Vec<Instant> {
-        self.started.lock().unwrap().clone()
-    }
-
-    /// The most runs that were ever running at once.
-    fn most_at_once(&self) -> usize {
-        self.running.lock().unwrap().1
-    }
-
-    fn respond(&self, run: usize) -> Response<Body> {
-        let answer = *self.answer.lock().unwrap();
-        let (status, cache_control, body) = match answer {
-            Answer::Fine => (StatusCode::OK, self.cache_control, format!("run {run}")),
-            Answer::ServerError => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                None,
-                format!("failed run {run}"),
-            ),
-            Answer::Panic => panic!("{DELIBERATE} in run {run}"),
-            Answer::Private => (
-                StatusCode::OK,
-                Some("private"),
-                format!("private run {run}"),
-            ),
-        };
-        let mut response = Response::new(Body::from(body));
-        *response.status_mut() = status;
-        if let Some(directives) = cache_control {
-            response
-                .headers_mut()
-                .insert("cache-control", HeaderValue::from_static(directives));
-        }
-        response
-    }
-
-    /// The app: this origin with `layer` over its router.
-    fn app(&self, layer: &ParkingLayer) -> Router {
-        let origin = self.clone();
-        let read = move || {
-            let origin = origin.clone();
-            async move {
-                let run = {
-                    let mut started = origin.started.lock().unwrap();
-                    started.push(Instant::now());
-                    let mut running = origin.running.lock().unwrap();
-                    running.0 += 1;
-                    running.1 = running.1.max(running.0);
-                    origin.work.count_run()
-                };
-                let held = *origin.held_run.lock().unwrap();
-                if held.is_none_or(|held| held == run) {
-                    origin.work.gate.wait().await;
-                }
-                if !origin.takes.is_zero() {
-                    tokio::time::sleep(origin.takes).await;
-                }
-                origin.running.lock().unwrap().0 -= 1;
-                origin.respond(run)
-            }
-        };
-        Router::new()
-            .route(PATH, get(read).post(|| async { "saved" }))
-            .layer(layer.clone())
-    }
+/// The app: `origin` answering `GET /report` (body `run N`), `POST /report` answering `saved` (a
+/// successful write), with `layer` over the router.
+fn app(origin: &ScriptedOrigin, layer: &ParkingLayer) -> Router {
+    let origin = origin.clone();
+    let read = move || {
+        let origin = origin.clone();
+        async move { origin.run("").await }
+    };
+    Router::new()
+        .route(PATH, get(read).post(|| async { "saved" }))
+        .layer(layer.clone())
 }
 
 /// Requests keyed by path alone, so a test can look at the entry stored for `PATH`.
@@ -264,8 +139,8 @@ async fn after_the_ttl_the_old_response_is_served_at_once_while_one_refresh_runs
     let layer = layer(&backend)
         .stale_while_revalidate(ms(10_000))
         .cache_status(true);
-    let origin = Origin::new();
-    let app = origin.app(&layer);
+    let origin = ScriptedOrigin::new();
+    let app = app(&origin, &layer);
 
     assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
     step(ms(1_500)).await;
@@ -346,8 +221,8 @@ async fn a_response_is_served_stale_only_until_its_window_ends() {
             if let Some(window) = if_error {
                 layer = layer.stale_if_error(window);
             }
-            let origin = Origin::new();
-            let app = origin.app(&layer);
+            let origin = ScriptedOrigin::new();
+            let app = app(&origin, &layer);
             assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
             step(ms(at)).await;
             assert_eq!(
@@ -453,8 +328,8 @@ async fn with_ttl_from_response_a_response_s_own_directives_set_its_stale_window
                 .ttl(ms(10_000))
                 .backend(backend),
         );
-        let origin = Origin::stating(directives);
-        let app = origin.app(&layer);
+        let origin = ScriptedOrigin::stating(directives);
+        let app = app(&origin, &layer);
         assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
         origin.answer(then);
         step(ms(at)).await;
@@ -490,8 +365,8 @@ async fn a_failing_refresh_keeps_the_old_response_until_the_window_ends_retrying
             layer = layer.refresh_retry(retry);
         }
         let retry = retry.unwrap_or(ms(1_000));
-        let origin = Origin::new();
-        let app = origin.app(&layer);
+        let origin = ScriptedOrigin::new();
+        let app = app(&origin, &layer);
         let start = Instant::now();
         assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
         origin.answer(failure);
@@ -558,8 +433,8 @@ async fn after_the_window_a_request_runs_the_handler_at_once_however_recent_the_
     // Window ends at 2 s; the last refresh fails at 1.9 s and may not be retried before 2.9 s.
     let backend = MemoryBackend::new();
     let layer = layer(&backend).stale_while_revalidate(ms(1_000));
-    let origin = Origin::new();
-    let app = origin.app(&layer);
+    let origin = ScriptedOrigin::new();
+    let app = app(&origin, &layer);
     assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
     origin.answer(Answer::ServerError);
 
@@ -608,8 +483,8 @@ async fn a_failing_run_within_the_error_window_hands_the_held_response_to_its_ca
             let case = format!("{config}, {failure:?}");
             let backend = MemoryBackend::new();
             let layer = configure(layer(&backend));
-            let origin = Origin::new();
-            let app = origin.app(&layer);
+            let origin = ScriptedOrigin::new();
+            let app = app(&origin, &layer);
             assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
 
             // 2.5 s: past the TTL (and the stale window), within the error window. Four
@@ -727,8 +602,8 @@ async fn early_refresh_keeps_a_hot_key_fresh_one_refresh_at_a_time() {
     let layer = layer(&backend)
         .early_refresh(1.0)
         .stale_while_revalidate(ms(10_000));
-    let origin = Origin::taking(ms(200));
-    let app = origin.app(&layer);
+    let origin = ScriptedOrigin::taking(ms(200));
+    let app = app(&origin, &layer);
     assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
 
     let start = Instant::now();
@@ -771,7 +646,7 @@ async fn no_stale_response_for_a_key_whose_response_could_not_be_stored() {
         (
             "Cache-Control: private",
             {
-                let origin = Origin::new();
+                let origin = ScriptedOrigin::new();
                 origin.answer(Answer::Private);
                 origin
             },
@@ -780,14 +655,14 @@ async fn no_stale_response_for_a_key_whose_response_could_not_be_stored() {
         ),
         (
             "Cache-Control: no-store",
-            Origin::stating("no-store"),
+            ScriptedOrigin::stating("no-store"),
             (200, "miss", "run 1"),
             (200, "pass", "run 2"),
         ),
         (
             "503",
             {
-                let origin = Origin::new();
+                let origin = ScriptedOrigin::new();
                 origin.answer(Answer::ServerError);
                 origin
             },
@@ -799,7 +674,7 @@ async fn no_stale_response_for_a_key_whose_response_could_not_be_stored() {
         let layer = layer(&backend)
             .stale_while_revalidate(ms(10_000))
             .stale_if_error(ms(10_000));
-        let app = origin.app(&layer);
+        let app = app(&origin, &layer);
         assert_eq!(send(&app).await.view(), first, "{case}");
         step(ms(1_500)).await;
         assert_eq!(send(&app).await.view(), second, "{case}");
@@ -815,8 +690,8 @@ async fn no_stale_response_after_an_invalidation() {
         let layer = layer(&backend)
             .stale_while_revalidate(ms(10_000))
             .stale_if_error(ms(10_000));
-        let origin = Origin::new();
-        let app = origin.app(&layer);
+        let origin = ScriptedOrigin::new();
+        let app = app(&origin, &layer);
         assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
         step(ms(1_500)).await;
         match case {
@@ -837,8 +712,8 @@ async fn no_stale_response_after_an_invalidation() {
 async fn a_write_while_the_refresh_runs_discards_the_refresh_and_the_old_response() {
     let backend = MemoryBackend::new();
     let layer = layer(&backend).stale_while_revalidate(ms(10_000));
-    let origin = Origin::new();
-    let app = origin.app(&layer);
+    let origin = ScriptedOrigin::new();
+    let app = app(&origin, &layer);
     assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
     step(ms(1_500)).await;
 
@@ -876,8 +751,8 @@ async fn responses_that_must_be_revalidated_are_never_served_stale() {
             .backend(backend)
             .stale_while_revalidate(ms(10_000))
             .stale_if_error(ms(10_000));
-        let origin = Origin::stating(directives);
-        let app = origin.app(&layer);
+        let origin = ScriptedOrigin::stating(directives);
+        let app = app(&origin, &layer);
         assert_eq!(send(&app).await.view(), (200, "miss", "run 1"));
 
         // Stale: the origin runs again, nobody gets the old response.

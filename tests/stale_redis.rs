@@ -11,14 +11,12 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use axum::{
-    body::Body,
     extract::Path,
-    http::{Request, Response, StatusCode},
+    http::{Request, StatusCode},
     routing::get,
     Router,
 };
@@ -26,7 +24,8 @@ use bytes::Bytes;
 use support::{
     eventually,
     fleet::{assert_all_served, outcomes, parking, start_instances, urls, wait_all_in, SOON},
-    redis_key, HttpClient, Instance, RedisServer, Reply, Tally, Work,
+    origin::{Answer, ScriptedOrigin},
+    redis_key, HttpClient, Instance, RedisServer, Reply, Tally,
 };
 use tower_parking::{backend::Stamp, Key, ParkingLayer, Stats};
 
@@ -36,105 +35,15 @@ fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
-/// What the origin answers, from the run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Answer {
-    /// `200`, body `{key} run N`.
-    Fine,
-    /// `503`, body `{key} failed run N`.
-    ServerError,
-}
-
-/// The origin handler, shared by every instance: `GET /r/{key}` counts its runs and when each
-/// started, waits at its gate (every run, or only the one it was told to hold), takes its time,
-/// and answers as told; `POST /r/{key}` answers `saved`.
-#[derive(Clone)]
-struct Origin {
-    work: Work,
-    held_run: Arc<Mutex<Option<usize>>>,
-    answer: Arc<Mutex<Answer>>,
-    takes: Duration,
-    started: Arc<Mutex<Vec<Instant>>>,
-    running: Arc<Mutex<(usize, usize)>>,
-}
-
-impl Origin {
-    fn new() -> Self {
-        Self {
-            work: Work::free(),
-            held_run: Arc::default(),
-            answer: Arc::new(Mutex::new(Answer::Fine)),
-            takes: Duration::ZERO,
-            started: Arc::default(),
-            running: Arc::default(),
-        }
-    }
-
-    /// Each run takes `takes`: the work time W.
-    fn taking(takes: Duration) -> Self {
-        Self {
-            takes,
-            ..Self::new()
-        }
-    }
-
-    fn answer(&self, answer: Answer) {
-        *self.answer.lock().unwrap() = answer;
-    }
-
-    /// Only run `run` waits at the gate (when closed).
-    fn hold_only(&self, run: usize) {
-        *self.held_run.lock().unwrap() = Some(run);
-    }
-
-    fn runs(&self) -> usize {
-        self.work.runs()
-    }
-
-    fn started(&self) -> Vec<Instant> {
-        self.started.lock().unwrap().clone()
-    }
-
-    fn most_at_once(&self) -> usize {
-        self.running.lock().unwrap().1
-    }
-
-    fn app(&self) -> Router {
-        let origin = self.clone();
-        let read = move |Path(key): Path<String>| {
-            let origin = origin.clone();
-            async move {
-                let run = {
-                    let mut started = origin.started.lock().unwrap();
-                    started.push(Instant::now());
-                    let mut running = origin.running.lock().unwrap();
-                    running.0 += 1;
-                    running.1 = running.1.max(running.0);
-                    origin.work.count_run()
-                };
-                let held = *origin.held_run.lock().unwrap();
-                if held.is_none_or(|held| held == run) {
-                    origin.work.gate.wait().await;
-                }
-                if !origin.takes.is_zero() {
-                    tokio::time::sleep(origin.takes).await;
-                }
-                origin.running.lock().unwrap().0 -= 1;
-                let answer = *origin.answer.lock().unwrap();
-                let (status, body) = match answer {
-                    Answer::Fine => (StatusCode::OK, format!("{key} run {run}")),
-                    Answer::ServerError => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("{key} failed run {run}"),
-                    ),
-                };
-                let mut response = Response::new(Body::from(body));
-                *response.status_mut() = status;
-                response
-            }
-        };
-        Router::new().route("/r/{key}", get(read).post(|| async { "saved" }))
-    }
+/// The origin's app, shared by every instance: `GET /r/{key}` answers `{key} run N` (or
+/// `{key} failed run N`) as `origin` is told; `POST /r/{key}` answers `saved`.
+fn app(origin: &ScriptedOrigin) -> Router {
+    let origin = origin.clone();
+    let read = move |Path(key): Path<String>| {
+        let origin = origin.clone();
+        async move { origin.run(&format!("{key} ")).await }
+    };
+    Router::new().route("/r/{key}", get(read).post(|| async { "saved" }))
 }
 
 /// Starts `n` instances on `redis` with `layer()` (keyed by path; the followers of each count
@@ -143,7 +52,7 @@ fn fleet(
     n: usize,
     redis: &RedisServer,
     parked: &Tally,
-    origin: &Origin,
+    origin: &ScriptedOrigin,
     layer: impl Fn(ParkingLayer) -> ParkingLayer,
 ) -> Vec<Instance> {
     start_instances(
@@ -151,7 +60,7 @@ fn fleet(
         redis,
         |backend| backend,
         || layer(parking(parked, TTL)),
-        &origin.app(),
+        &app(origin),
     )
 }
 
@@ -180,7 +89,7 @@ fn view(reply: &Reply) -> (u16, &str, String) {
 async fn a_burst_of_400_over_4_instances_in_the_stale_window_gets_400_stale_answers_and_one_refresh(
 ) {
     let redis = RedisServer::start();
-    let origin = Origin::new();
+    let origin = ScriptedOrigin::new();
     let parked = Tally::new();
     let window = Duration::from_secs(10);
     let instances = fleet(4, &redis, &parked, &origin, |layer| {
@@ -266,7 +175,7 @@ async fn a_burst_of_400_over_4_instances_in_the_stale_window_gets_400_stale_answ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_refresh_keeps_the_old_response_in_every_instance_until_the_window_ends() {
     let redis = RedisServer::start();
-    let origin = Origin::new();
+    let origin = ScriptedOrigin::new();
     let parked = Tally::new();
     let retry = ms(300);
     let instances = fleet(4, &redis, &parked, &origin, |layer| {
@@ -329,7 +238,7 @@ async fn a_failing_refresh_keeps_the_old_response_in_every_instance_until_the_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_run_hands_the_held_response_to_the_requests_parked_in_every_instance() {
     let redis = RedisServer::start();
-    let origin = Origin::new();
+    let origin = ScriptedOrigin::new();
     let parked = Tally::new();
     let window = Duration::from_secs(5);
     let instances = fleet(3, &redis, &parked, &origin, |layer| {
@@ -378,7 +287,7 @@ async fn a_failing_run_hands_the_held_response_to_the_requests_parked_in_every_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_run_within_the_error_window_serves_the_held_response_in_its_instance() {
     let redis = RedisServer::start();
-    let origin = Origin::new();
+    let origin = ScriptedOrigin::new();
     let parked = Tally::new();
     let instances = fleet(2, &redis, &parked, &origin, |layer| {
         layer.stale_if_error(Duration::from_secs(5))
@@ -418,7 +327,7 @@ async fn early_refresh_keeps_a_hot_key_fresh_across_the_fleet_one_refresh_at_a_t
     let redis = RedisServer::start();
     // W = 200 ms, TTL 1 s, β = 1, with the stale window on: a refresh that came too late would
     // show as `stale` (and, without early refresh, every window would start with one).
-    let origin = Origin::taking(ms(200));
+    let origin = ScriptedOrigin::taking(ms(200));
     let parked = Tally::new();
     let instances = fleet(4, &redis, &parked, &origin, |layer| {
         layer
@@ -475,7 +384,7 @@ async fn early_refresh_keeps_a_hot_key_fresh_across_the_fleet_one_refresh_at_a_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_write_in_the_stale_window_no_instance_serves_the_old_response() {
     let redis = RedisServer::start();
-    let origin = Origin::new();
+    let origin = ScriptedOrigin::new();
     let parked = Tally::new();
     let instances = fleet(4, &redis, &parked, &origin, |layer| {
         layer
@@ -514,7 +423,7 @@ async fn after_a_write_in_the_stale_window_no_instance_serves_the_old_response()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_while_a_refresh_runs_in_another_instance_discards_both_old_responses() {
     let redis = RedisServer::start();
-    let origin = Origin::new();
+    let origin = ScriptedOrigin::new();
     let parked = Tally::new();
     let instances = fleet(3, &redis, &parked, &origin, |layer| {
         layer.stale_while_revalidate(Duration::from_secs(10))
