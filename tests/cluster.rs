@@ -329,11 +329,7 @@ async fn migrating_the_slot_of_a_parked_key_costs_at_most_one_run() {
     let url = cluster.url();
     parked_through_a_fault(url, path, || {
         let from = cluster.owner(slot);
-        let to = *cluster
-            .primaries()
-            .iter()
-            .find(|&&port| port != from)
-            .expect("another primary");
+        let to = cluster.other_primary(from);
         let started = Instant::now();
         cluster.migrate_slot(slot, from, to);
         assert_eq!(cluster.owner(slot), to);
@@ -377,11 +373,7 @@ async fn a_slot_left_migrating_fails_open_for_its_keys_only() {
     assert_eq!(runs.get(), 2);
 
     let from = cluster.owner(slot);
-    let to = *cluster
-        .primaries()
-        .iter()
-        .find(|&&port| port != from)
-        .expect("another primary");
+    let to = cluster.other_primary(from);
     cluster.begin_migration(slot, from, to);
 
     // The second instance has neither key in its local window: it asks the cluster.

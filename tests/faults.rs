@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use support::{
     acquired, eventually,
     fleet::{
-        assert_all_served, first_run_gated_app, gated_app, outcomes, parking, slow_app,
-        start_instances, urls, wait_all_in, SOON,
+        assert_all_served, first_run_gated_app, gated_app, gated_by_key, outcomes, parking,
+        slow_app, start_instances, urls, wait_all_in, SOON,
     },
     payload, redis_key, sealed, FaultProxy, Gate, HttpClient, Instance, RedisServer, Resp, Tally,
 };
@@ -283,23 +283,13 @@ async fn a_backend_started_while_redis_is_down_serves_alone_then_joins_the_fleet
     redis.stop();
     let runs = Tally::new();
     let (alone_gate, joined_gate) = (Gate::new(), Gate::new());
-    let app = slow_app(&runs, {
-        let gates = [
+    let app = gated_by_key(
+        &runs,
+        &[
             ("alone", alone_gate.clone()),
             ("joined", joined_gate.clone()),
-        ];
-        move |key, _| {
-            let gate = gates
-                .iter()
-                .find(|(name, _)| *name == key)
-                .map(|(_, gate)| gate.clone());
-            async move {
-                if let Some(gate) = gate {
-                    gate.wait().await;
-                }
-            }
-        }
-    });
+        ],
+    );
     let parked = Tally::new();
     // Fail-open (the default): the instances start although Redis does not answer.
     let instances = start_instances(2, &redis, |b| b, || parking(&parked, MINUTE), &app);

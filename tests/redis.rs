@@ -21,8 +21,8 @@ use hyper_util::{
 use support::{
     acquired, eventually,
     fleet::{
-        assert_all_served, by_path, outcomes, parking, slow_app, start_instances, urls,
-        wait_all_in, SOON,
+        assert_all_served, by_path, gated_by_key, outcomes, parking, slow_app, start_instances,
+        urls, wait_all_in, SOON,
     },
     payload, quiet_deliberate_panics, redis_key, sealed, Gate, HttpClient, Instance, RedisServer,
     Reply, Resp, ServerProcess, Tally, DELIBERATE,
@@ -638,20 +638,7 @@ async fn redis_killed_mid_flight_fails_open_and_coordination_resumes_after_resta
         ("outage", Gate::new()),
         ("after", Gate::new()),
     ];
-    let app = slow_app(&runs, {
-        let gates = gates.clone();
-        move |key, _| {
-            let gate = gates
-                .iter()
-                .find(|(name, _)| *name == key)
-                .map(|(_, gate)| gate.clone());
-            async move {
-                if let Some(gate) = gate {
-                    gate.wait().await;
-                }
-            }
-        }
-    });
+    let app = gated_by_key(&runs, &gates);
     let wait_timeout = Duration::from_secs(2);
     let instances = start_instances(
         2,

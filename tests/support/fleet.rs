@@ -57,6 +57,23 @@ pub fn gated_app(runs: &Tally, gate: &Gate) -> Router {
     })
 }
 
+/// [`slow_app`] whose runs for a key named in `gates` wait at that key's gate; other keys go
+/// straight through.
+pub fn gated_by_key<const N: usize>(runs: &Tally, gates: &[(&'static str, Gate); N]) -> Router {
+    let gates = gates.clone();
+    slow_app(runs, move |key, _| {
+        let gate = gates
+            .iter()
+            .find(|(name, _)| *name == key)
+            .map(|(_, gate)| gate.clone());
+        async move {
+            if let Some(gate) = gate {
+                gate.wait().await;
+            }
+        }
+    })
+}
+
 /// [`slow_app`] whose first run waits at `gate` (the leader a fault hits); later runs (a
 /// takeover) go straight through.
 pub fn first_run_gated_app(runs: &Tally, gate: &Gate) -> Router {

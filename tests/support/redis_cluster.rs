@@ -224,6 +224,14 @@ impl RedisCluster {
             .collect()
     }
 
+    /// A primary other than the one on `port`.
+    pub fn other_primary(&self, port: u16) -> u16 {
+        self.primaries()
+            .into_iter()
+            .find(|&primary| primary != port)
+            .expect("another primary")
+    }
+
     /// Kills a node (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         self.nodes
