@@ -16,8 +16,8 @@ use std::{
 use support::{
     eventually,
     fleet::{
-        assert_all_served, first_run_gated_app, outcomes, parking, slow_app, start_instances_on,
-        urls, SOON,
+        assert_all_served, first_run_gated_app, outcomes, parked_behind_leader, parking, slow_app,
+        start_instances_on, urls, SOON,
     },
     redis_cluster::{spread, RedisCluster, SentinelSet},
     redis_key, Gate, HttpClient, Instance, RedisServer, Reply, Tally,
@@ -135,15 +135,8 @@ async fn parked_through_a_fault(url: String, key_path: &str, fault: impl FnOnce(
     );
     let all: Vec<&Instance> = instances.iter().collect();
     let client = HttpClient::new();
-    let leader = client.spawn_get(all[0].url(key_path));
-    runs.wait_for(1, SOON, "the leader's run").await;
-    let followers = client.spawn_get_all_ok(urls(&all[1..], key_path, 10));
-    for instance in &all[1..] {
-        instance.waiting().wait_for(10, SOON, "requests in").await;
-    }
-    parked
-        .wait_for(3, SOON, "every other instance parked")
-        .await;
+    let (leader, followers) =
+        parked_behind_leader(&client, (&runs, &parked), all[0], &all[1..], key_path, 10).await;
 
     let struck = Instant::now();
     let failover = tokio::task::block_in_place(fault);

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use support::{
     acquired, eventually,
     fleet::{
-        assert_all_served, first_run_gated_app, gated_app, gated_by_key, outcomes, parking,
-        slow_app, start_instances, urls, wait_all_in, SOON,
+        assert_all_served, first_run_gated_app, gated_app, gated_by_key, outcomes,
+        parked_behind_leader, parking, slow_app, start_instances, urls, wait_all_in, SOON,
     },
     payload, redis_key, sealed, FaultProxy, Gate, HttpClient, Instance, RedisServer, Resp, Tally,
 };
@@ -98,11 +98,8 @@ async fn with_notifications_turned_off_parked_requests_wait_for_the_work_not_the
             .text(),
         "OK"
     );
-    let leader = client.spawn_get(a.url("/slow/k"));
-    runs.wait_for(1, SOON, "the leader's run").await;
-    let followers = client.spawn_get_all_ok(urls(&[b], "/slow/k", 5));
-    wait_all_in(&[b], 5).await;
-    parked.wait_for(1, SOON, "b parked").await;
+    let (leader, followers) =
+        parked_behind_leader(&client, (&runs, &parked), a, &[b], "/slow/k", 5).await;
     let released = Instant::now();
     gate.open();
     let followers = followers.await.unwrap();
@@ -263,11 +260,8 @@ async fn a_dropped_command_connection_is_a_blip_not_a_run_in_every_process() {
     let all: Vec<_> = instances.iter().collect();
     let client = HttpClient::new();
 
-    let leader = client.spawn_get(all[0].url("/slow/k"));
-    runs.wait_for(1, SOON, "the leader's run").await;
-    let followers = client.spawn_get_all_ok(urls(&all[1..], "/slow/k", 5));
-    wait_all_in(&all[1..], 5).await;
-    parked.wait_for(2, SOON, "the followers parked").await;
+    let (leader, followers) =
+        parked_behind_leader(&client, (&runs, &parked), all[0], &all[1..], "/slow/k", 5).await;
     // Every command connection drops at once (subscribers are of another type).
     redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]);
     gate.open();
@@ -421,11 +415,8 @@ async fn a_killed_subscriber_connection_loses_no_wake_up() {
     let (a, b) = (&instances[0], &instances[1]);
     let client = HttpClient::new();
 
-    let leader = client.spawn_get(a.url("/slow/k"));
-    runs.wait_for(1, SOON, "the leader's run").await;
-    let followers = client.spawn_get_all_ok(urls(&[b], "/slow/k", 3));
-    wait_all_in(&[b], 3).await;
-    parked.wait_for(1, SOON, "b parked").await;
+    let (leader, followers) =
+        parked_behind_leader(&client, (&runs, &parked), a, &[b], "/slow/k", 3).await;
     redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     // The subscribers come back (subscribed again) before the leader finishes.
     let subscribed = eventually(SOON, "both subscribers back", || {

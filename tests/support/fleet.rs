@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 use axum::{extract::Path, http::request::Parts, routing::get, Router};
 use tower_parking::{Key, ParkingLayer, RedisBackend, RedisBackendBuilder};
 
-use super::{counting_waits, Gate, Instance, RedisServer, Reply, Tally};
+use tokio::task::JoinHandle;
+
+use super::{counting_waits, Gate, HttpClient, Instance, RedisServer, Reply, Tally};
 
 /// Time allowed for things that take milliseconds, so a loaded CI machine does not fail a test.
 pub const SOON: Duration = Duration::from_secs(10);
@@ -130,6 +132,29 @@ pub async fn wait_all_in(instances: &[&Instance], total: usize) {
             .wait_for(total, SOON, "requests in the instance")
             .await;
     }
+}
+
+/// Sends the leader's request for `path` to `leader` and, once the leader runs (as `runs`
+/// counts), `per_instance` requests for it to each of `followers`; returns when every follower
+/// request is in its layer and each follower instance has parked behind the leader (as
+/// `parked`, the [`parking`] layers' counter, counts). Returns the leader's reply and the
+/// followers'.
+pub async fn parked_behind_leader(
+    client: &HttpClient,
+    (runs, parked): (&Tally, &Tally),
+    leader: &Instance,
+    followers: &[&Instance],
+    path: &str,
+    per_instance: usize,
+) -> (JoinHandle<Result<Reply, String>>, JoinHandle<Vec<Reply>>) {
+    let leading = client.spawn_get(leader.url(path));
+    runs.wait_for(1, SOON, "the leader's run").await;
+    let following = client.spawn_get_all_ok(urls(followers, path, per_instance));
+    wait_all_in(followers, per_instance).await;
+    parked
+        .wait_for(followers.len(), SOON, "every follower instance parked")
+        .await;
+    (leading, following)
 }
 
 /// How many replies carry each `x-parking` outcome.
