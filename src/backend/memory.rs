@@ -113,8 +113,8 @@ impl Entry {
     }
 }
 
-fn entry_cost(key: &Key, value_bytes: usize) -> usize {
-    ENTRY_OVERHEAD + key.uri_part().len() + key.variant_part().len() + value_bytes
+fn entry_cost(uri: &str, variant: &str, value_bytes: usize) -> usize {
+    ENTRY_OVERHEAD + uri.len() + variant.len() + value_bytes
 }
 
 impl State {
@@ -151,16 +151,19 @@ impl State {
         }
         self.swept = Some(now);
         let micros = clock::now();
-        self.retain(|entry| !entry.is_dead(now, micros));
+        self.retain(|_, _, entry| !entry.is_dead(now, micros));
     }
 
     /// Drops entries that matter no more, then (while over a bound) the ones closest to the end
     /// of their keep time, down to 7/8 of the bounds so that the scan is not paid on every insert.
-    fn make_room(&mut self, max_entries: usize, max_bytes: usize) {
+    /// The entry of `spared`, the key being stored, stays whatever its state.
+    fn make_room(&mut self, max_entries: usize, max_bytes: usize, spared: &Key) {
         let now = Instant::now();
         let micros = clock::now();
         self.swept = Some(now);
-        self.retain(|entry| !entry.is_dead(now, micros));
+        let is_spared =
+            |uri: &str, variant: &str| uri == spared.uri_part() && variant == spared.variant_part();
+        self.retain(|uri, variant, entry| is_spared(uri, variant) || !entry.is_dead(now, micros));
         let (entries_goal, bytes_goal) = (max_entries - max_entries / 8, max_bytes - max_bytes / 8);
         if self.entries <= entries_goal && self.bytes <= bytes_goal {
             return;
@@ -171,7 +174,9 @@ impl State {
             .flat_map(|(uri, variants)| {
                 variants
                     .iter()
-                    .filter(|(_, entry)| entry.live_lock(now).is_none())
+                    .filter(|(variant, entry)| {
+                        entry.live_lock(now).is_none() && !is_spared(uri, variant)
+                    })
                     .map(|(variant, entry)| {
                         let until = entry.value.as_ref().map_or(0, |v| v.stamp.keep_until);
                         (until, Arc::clone(uri), Arc::clone(variant))
@@ -183,21 +188,18 @@ impl State {
             if self.entries <= entries_goal && self.bytes <= bytes_goal {
                 break;
             }
-            self.remove(&Key::with_variant(uri, variant));
+            self.remove(&uri, &variant);
         }
     }
 
-    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
+    fn retain(&mut self, mut keep: impl FnMut(&str, &str, &Entry) -> bool) {
         let (mut entries, mut bytes) = (self.entries, self.bytes);
         self.uris.retain(|uri, variants| {
             variants.retain(|variant, entry| {
-                let kept = keep(entry);
+                let kept = keep(uri, variant, entry);
                 if !kept {
                     entries -= 1;
-                    bytes -= entry_cost(
-                        &Key::with_variant(Arc::clone(uri), Arc::clone(variant)),
-                        entry.value_bytes(),
-                    );
+                    bytes -= entry_cost(uri, variant, entry.value_bytes());
                 }
                 kept
             });
@@ -206,16 +208,16 @@ impl State {
         (self.entries, self.bytes) = (entries, bytes);
     }
 
-    fn remove(&mut self, key: &Key) {
-        let Some(variants) = self.uris.get_mut(key.uri_part()) else {
+    fn remove(&mut self, uri: &str, variant: &str) {
+        let Some(variants) = self.uris.get_mut(uri) else {
             return;
         };
-        if let Some(entry) = variants.remove(key.variant_part()) {
+        if let Some(entry) = variants.remove(variant) {
             self.entries -= 1;
-            self.bytes -= entry_cost(key, entry.value_bytes());
+            self.bytes -= entry_cost(uri, variant, entry.value_bytes());
         }
         if variants.is_empty() {
-            self.uris.remove(key.uri_part());
+            self.uris.remove(uri);
         }
     }
 
@@ -287,14 +289,15 @@ impl MemoryBackend {
     /// The entry for `key`, making room for it first if the backend is full.
     fn entry<'s>(&self, state: &'s mut State, key: &Key) -> &'s mut Entry {
         state.sweep();
-        if state.get(key).is_none() {
-            let cost = entry_cost(key, 0);
-            if state.entries >= self.max_entries || state.bytes + cost > self.max_bytes {
-                state.make_room(self.max_entries, self.max_bytes);
-            }
-            state.entries += 1;
-            state.bytes += cost;
+        if state.get(key).is_some() {
+            return state.get_mut(key).expect("just found");
         }
+        let cost = entry_cost(key.uri_part(), key.variant_part(), 0);
+        if state.entries >= self.max_entries || state.bytes + cost > self.max_bytes {
+            state.make_room(self.max_entries, self.max_bytes, key);
+        }
+        state.entries += 1;
+        state.bytes += cost;
         let fence = state.fence;
         state
             .uris
@@ -334,7 +337,7 @@ impl Backend for MemoryBackend {
         }
         let previous = kept.map(|stored| stored.entry.clone());
         let fence = state.next_fence();
-        let entry = self.entry(&mut state, key);
+        let entry = state.get_mut(key).expect("made above");
         entry.fence = fence;
         entry.lock = Some((fence, now + lease));
         let lease = Lease::new(key.clone(), fence, fence.to_string(), lease);
@@ -392,12 +395,10 @@ impl Backend for MemoryBackend {
         if let Some(value) = &value {
             let grows = value.entry.len();
             if state.bytes + grows > self.max_bytes {
-                state.make_room(self.max_entries, self.max_bytes);
+                state.make_room(self.max_entries, self.max_bytes, key);
             }
         }
-        if state.get(key).is_some() {
-            state.set_value(key, value);
-        }
+        state.set_value(key, value);
         Self::ready(true)
     }
 
@@ -576,6 +577,29 @@ mod tests {
             );
         }
         assert!(backend.len() > 4, "it keeps what fits: {}", backend.len());
+    }
+
+    #[tokio::test]
+    async fn a_value_stored_at_the_byte_bound_is_kept_and_older_ones_make_room() {
+        let backend = MemoryBackend::new().max_bytes(64 * 1024);
+        for i in 0..40 {
+            let key = Key::new(format!("/item/{i}"));
+            let lease = lead(&backend, &key).await;
+            let entry = sealed(lease.fence(), Duration::from_secs(60), &[0; 4096]);
+            assert!(backend
+                .complete(&lease, entry, Duration::from_secs(60))
+                .await
+                .unwrap());
+            assert!(
+                backend.peek(&key).is_some(),
+                "the value stored for item {i} was dropped ({} bytes held)",
+                backend.bytes()
+            );
+        }
+        assert!(
+            backend.peek(&Key::new("/item/0")).is_none(),
+            "the oldest made room"
+        );
     }
 
     #[tokio::test]
