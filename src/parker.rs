@@ -186,7 +186,9 @@ impl<V: Value> Parker<V> {
                 .map(|value| Completion::Store(value, keep))
                 .map_err(ParkError::failed)
         };
-        let (outcome, result) = self.execute(key.into(), work).await;
+        let (outcome, result) = self
+            .execute(key.into(), Lookup::Check, |_: &V| true, work)
+            .await;
         self.record(outcome);
         // `work` never answers `Pass`, so a missing value means the flight was cut short.
         (
@@ -235,19 +237,20 @@ impl<V: Value> Parker<V> {
     /// served. `Ok(None)`: the caller's own `work` ran and delivered its private value itself.
     ///
     /// `work` gets the key's stored value when it is no longer fresh but still kept (for
-    /// revalidation). The outcome is not counted: the caller counts it once it knows it is the
-    /// one it serves (see [`record`](Parker::record)).
-    pub(crate) async fn execute<F, Fut>(&self, key: Key, work: F) -> Landed<V>
-    where
-        F: FnOnce(Option<V>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
-    {
-        self.execute_with(key, Lookup::Check, work).await
-    }
-
-    /// [`execute`](Parker::execute); with [`Lookup::Skip`], a stored value, fresh or not, is not
-    /// served: the call joins the key's running flight or starts one.
-    pub(crate) async fn execute_with<F, Fut>(&self, key: Key, lookup: Lookup, work: F) -> Landed<V>
+    /// revalidation). With [`Lookup::Skip`], a stored value, fresh or not, is not served: the
+    /// call joins the key's running flight or starts one. A stored value is refreshed with `work`
+    /// (stale-while-revalidate, early refresh) only if `refreshes` says `work` would make a
+    /// value of its kind (a response that varies is refreshed with a request of its variant);
+    /// otherwise it is still returned, and the caller sees it is not one for it. The outcome is
+    /// not counted: the caller counts it once it knows it is the one it serves (see
+    /// [`record`](Parker::record)).
+    pub(crate) async fn execute<F, Fut>(
+        &self,
+        key: Key,
+        lookup: Lookup,
+        refreshes: impl Fn(&V) -> bool + Send + 'static,
+        work: F,
+    ) -> Landed<V>
     where
         F: FnOnce(Option<V>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Completion<V>, ParkError>> + Send + 'static,
@@ -266,13 +269,15 @@ impl<V: Value> Parker<V> {
                 // One that does not decode is left to the flight, which overwrites it.
                 EntryKind::Value => match V::decode(payload) {
                     Ok(value) if stamp.is_fresh(now) => {
-                        if inner.stale.refresh_early(&stamp, now) {
+                        if inner.stale.refresh_early(&stamp, now) && refreshes(&value) {
                             inner.refresh(key, work);
                         }
                         return (Outcome::Hit, Ok(Some(value)));
                     }
                     Ok(value) if stamp.serves_stale(now) => {
-                        inner.refresh(key, work);
+                        if refreshes(&value) {
+                            inner.refresh(key, work);
+                        }
                         return (Outcome::Stale, Ok(Some(value)));
                     }
                     _ => {}
@@ -288,7 +293,7 @@ impl<V: Value> Parker<V> {
                 let (give_back, given_back) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
                     match task_inner
-                        .fly(&key, lookup, work, &fallback, give_back)
+                        .fly(&key, lookup, (refreshes, work), &fallback, give_back)
                         .await
                     {
                         Flown::Landed(landed) => landing.land(landed),
@@ -411,7 +416,7 @@ impl<V: Value> Inner<V> {
         self: &Arc<Self>,
         key: &Key,
         mut lookup: Lookup,
-        work: F,
+        (refreshes, work): (impl Fn(&V) -> bool, F),
         fallback: &Fallback<Landed<V>>,
         give_back: tokio::sync::oneshot::Sender<F>,
     ) -> Flown<V, F>
@@ -432,7 +437,9 @@ impl<V: Value> Inner<V> {
                     let now = clock::now();
                     return match previous {
                         Some((stamp, value))
-                            if lookup == Lookup::Check && stamp.serves_stale(now) =>
+                            if lookup == Lookup::Check
+                                && stamp.serves_stale(now)
+                                && refreshes(&value) =>
                         {
                             Flown::Stale(value.clone(), (lease, work, Some((stamp, value))))
                         }
@@ -493,7 +500,7 @@ impl<V: Value> Inner<V> {
                 }
                 Some(Found::Value(payload)) => match V::decode(payload) {
                     Ok(value) => {
-                        if early {
+                        if early && refreshes(&value) {
                             self.refresh(key.clone(), work);
                         }
                         return landed((outcome, Ok(Some(value))));

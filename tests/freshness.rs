@@ -1274,3 +1274,50 @@ async fn a_request_for_another_variant_counts_one_outcome() {
         "the other variant found under the key is not also counted as a hit"
     );
 }
+
+/// A stale response that varies reaches only requests of its own variant: a request of another
+/// variant in the stale window runs for its own response, and the refresh the stale response
+/// calls for is run with a request of its variant, never with that other request.
+#[tokio::test(start_paused = true)]
+async fn a_stale_response_that_varies_reaches_only_its_own_variant() {
+    let layer = ParkingLayer::new()
+        .ttl(Duration::from_secs(1))
+        .stale_while_revalidate(Duration::from_secs(10));
+    let origin = Origin::free();
+    let respond = |run: usize, request: &HeaderMap| {
+        let language = request
+            .get("accept-language")
+            .map_or("en", |value| value.to_str().unwrap())
+            .to_owned();
+        let headers = fields(&[("cache-control", "max-age=1"), ("vary", "accept-language")]);
+        reply(
+            StatusCode::OK,
+            &headers,
+            run,
+            format!("{language} run {run}"),
+        )
+    };
+    let app = origin_app(&origin, &layer, respond);
+    let en = || get_with(&[("accept-language", "en")]);
+    let fr = || get_with(&[("accept-language", "fr")]);
+    assert_eq!(send(&app, en()).await.view(), (200, "miss", "en run 1"));
+    advance(ms(1_500)).await;
+
+    // Another variant in the stale window: its own run, and no refresh of `en` with its request.
+    assert_eq!(send(&app, fr()).await.view(), (200, "miss", "fr run 2"));
+    assert_eq!(origin.runs(), 2);
+    // `en` in its stale window: served stale while one refresh runs, with an `en` request.
+    assert_eq!(send(&app, en()).await.view(), (200, "stale", "en run 1"));
+    origin.work.wait_started(3).await;
+    assert_eq!(origin.request_of(3).get("accept-language").unwrap(), "en");
+    // The paused clock moves once the refresh has landed (nothing else is left to run).
+    advance(ms(1)).await;
+    assert_eq!(send(&app, en()).await.view(), (200, "hit", "en run 3"));
+    assert_eq!(send(&app, fr()).await.view(), (200, "hit", "fr run 2"));
+    assert_eq!(origin.runs(), 3);
+    assert_eq!(
+        layer.stats(),
+        stats! { miss: 2, stale: 1, hit: 2, executions: 3 },
+        "no refresh failed: none was started with a request of the other variant"
+    );
+}

@@ -220,7 +220,44 @@ type OwnDelivery<ResBody, E> = Result<Response<ParkingBody<ResBody>>, E>;
 
 /// The request, held where both the caller (to match stored variants against it) and the run
 /// that may take it can reach it.
-type Slot<ReqBody> = Arc<Mutex<Option<Request<ReqBody>>>>;
+type Slot<ReqBody> = Arc<Mutex<Caller<ReqBody>>>;
+
+/// A caller's request until a run of its own takes it, then the head it ran with: the caller
+/// still matches what it is served against its own head (a stale response served while its
+/// request runs as the refresh, on another task that may take it first).
+struct Caller<ReqBody> {
+    request: Option<Request<ReqBody>>,
+    ran_with: Option<Arc<Request<()>>>,
+}
+
+impl<ReqBody> Caller<ReqBody> {
+    fn new(request: Request<ReqBody>) -> Self {
+        Self {
+            request: Some(request),
+            ran_with: None,
+        }
+    }
+
+    /// The request, for a run; its head stays for the caller.
+    fn take_to_run(&mut self) -> Option<(Request<ReqBody>, Arc<Request<()>>)> {
+        let request = self.request.take()?;
+        let mut head = Request::new(());
+        *head.method_mut() = request.method().clone();
+        *head.uri_mut() = request.uri().clone();
+        *head.headers_mut() = request.headers().clone();
+        let head = Arc::new(head);
+        self.ran_with = Some(Arc::clone(&head));
+        Some((request, head))
+    }
+
+    fn head(&self) -> Option<Head<'_>> {
+        match (&self.request, &self.ran_with) {
+            (Some(request), _) => Some(Head::of(request)),
+            (None, Some(head)) => Some(Head::of(head)),
+            (None, None) => None,
+        }
+    }
+}
 
 fn lock<T>(slot: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only taken for a moment and never across an await: a poisoned lock is still sound.
@@ -247,14 +284,21 @@ where
             return Ok(reused(&http, stored, Outcome::Hit, &conditions));
         }
     }
-    let slot: Slot<ReqBody> = Arc::new(Mutex::new(Some(request)));
+    let slot: Slot<ReqBody> = Arc::new(Mutex::new(Caller::new(request)));
     let mut lookup = Lookup::Check;
     // A response found under the key may be another variant (its `Vary` names fields this
     // request has other values of): the request then parks under a key with those values.
     for _ in 0..3 {
         let (deliver, mut delivered) = oneshot::channel();
         let work = leader_work(Arc::clone(&slot), Arc::clone(&http), inner.clone(), deliver);
-        let (outcome, result) = parker.execute_with(key.clone(), lookup, work).await;
+        let refreshes = {
+            let (slot, http) = (Arc::clone(&slot), Arc::clone(&http));
+            move |stored: &StoredResponse| {
+                let caller = lock(&slot);
+                (caller.head()).is_some_and(|head| freshness::matches(stored, head, &http.rules))
+            }
+        };
+        let (outcome, result) = parker.execute(key.clone(), lookup, refreshes, work).await;
         // A stale value stands in for a failed run: its own response is not delivered.
         let own = delivered
             .try_recv()
@@ -281,10 +325,10 @@ where
             }
         };
         let next = {
-            let request = lock(&slot);
-            request
-                .as_ref()
-                .and_then(|request| next_step(&stored, Head::of(request), outcome, &http))
+            let caller = lock(&slot);
+            caller
+                .head()
+                .and_then(|head| next_step(&stored, head, outcome, &http))
         };
         match next {
             None => {
@@ -296,7 +340,7 @@ where
         }
     }
     // Variants keep changing under this request: it goes through on its own.
-    let request = lock(&slot).take();
+    let request = lock(&slot).request.take();
     match request {
         Some(request) => bypass(&parker, &http, inner, request).await,
         None => {
@@ -375,8 +419,8 @@ where
     ResBody: Body,
     ResBody::Error: Into<BoxError>,
 {
-    let request = lock(&slot).take();
-    let Some(mut request) = request else {
+    let taken = lock(&slot).take_to_run();
+    let Some((mut request, plain)) = taken else {
         return Err(ParkError::Cancelled);
     };
     let rules = &http.rules;
@@ -386,11 +430,6 @@ where
             let conditions = freshness::revalidation(&previous, Head::of(&request), rules)?;
             Some((previous, conditions))
         });
-    // The plain request's head, to judge the answer by.
-    let mut plain = Request::new(());
-    *plain.method_mut() = request.method().clone();
-    *plain.uri_mut() = request.uri().clone();
-    *plain.headers_mut() = request.headers().clone();
     if let Some((_, conditions)) = &revalidating {
         request.headers_mut().extend(conditions.clone());
     }
