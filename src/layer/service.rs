@@ -277,15 +277,19 @@ where
     ReqBody: Send + 'static,
     ResBody: SharedBody,
 {
+    let mut lookup = Lookup::Check;
     // The hit path: a fresh response this request may have, without building a run.
     if let Some(stored) = parker.fresh_hit(&key) {
-        if next_step(&stored, Head::of(&request), Outcome::Hit, &http).is_none() {
-            parker.record(Outcome::Hit);
-            return Ok(reused(&http, stored, Outcome::Hit, &conditions));
+        match next_step(&stored, Head::of(&request), Outcome::Hit, &http) {
+            None => {
+                parker.record(Outcome::Hit);
+                return Ok(reused(&http, stored, Outcome::Hit, &conditions));
+            }
+            Some(Err(variant)) => key = key.refined(&variant),
+            Some(Ok(skip)) => lookup = skip,
         }
     }
     let slot: Slot<ReqBody> = Arc::new(Mutex::new(Caller::new(request)));
-    let mut lookup = Lookup::Check;
     // A response found under the key may be another variant (its `Vary` names fields this
     // request has other values of): the request then parks under a key with those values.
     for _ in 0..3 {
@@ -424,12 +428,10 @@ where
         return Err(ParkError::Cancelled);
     };
     let rules = &http.rules;
-    let revalidating = previous
-        .filter(|previous| freshness::matches(previous, Head::of(&request), rules))
-        .and_then(|previous| {
-            let conditions = freshness::revalidation(&previous, Head::of(&request), rules)?;
-            Some((previous, conditions))
-        });
+    let revalidating = previous.and_then(|previous| {
+        let conditions = freshness::revalidation(&previous, Head::of(&request), rules)?;
+        Some((previous, conditions))
+    });
     if let Some((_, conditions)) = &revalidating {
         request.headers_mut().extend(conditions.clone());
     }
