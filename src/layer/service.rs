@@ -299,7 +299,9 @@ where
             let (slot, http) = (Arc::clone(&slot), Arc::clone(&http));
             move |stored: &StoredResponse| {
                 let caller = lock(&slot);
-                (caller.head()).is_some_and(|head| freshness::matches(stored, head, &http.rules))
+                caller
+                    .head()
+                    .is_some_and(|head| freshness::matches(stored, head, &http.rules))
             }
         };
         let (outcome, result) = parker.execute(key.clone(), lookup, refreshes, work).await;
@@ -312,7 +314,7 @@ where
             parker.record(outcome);
             let mut response = own?;
             if conditions.not_modified(response.status(), response.headers()) {
-                response = not_modified(response.headers());
+                response = not_modified(response.into_parts().0.headers);
             }
             mark(&http, response.headers_mut(), outcome);
             return Ok(response);
@@ -504,7 +506,7 @@ fn reused<B>(
     conditions: &Conditions,
 ) -> Response<ParkingBody<B>> {
     let mut response = if conditions.not_modified(stored.status, &stored.headers) {
-        not_modified(&stored.headers)
+        not_modified(stored.headers)
     } else {
         let mut response = Response::new(ParkingBody::full(stored.body));
         *response.status_mut() = stored.status;
@@ -533,7 +535,7 @@ fn age_value(age: u64) -> HeaderValue {
     }
 }
 
-fn not_modified<B>(headers: &http::HeaderMap) -> Response<ParkingBody<B>> {
+fn not_modified<B>(headers: http::HeaderMap) -> Response<ParkingBody<B>> {
     let mut response = Response::new(ParkingBody::full(Bytes::new()));
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     *response.headers_mut() = sharing::not_modified_head(headers);

@@ -167,17 +167,14 @@ impl Conditions {
             return candidates.trim() == "*"
                 || entity_tags(candidates).any(|tag| weak_match(tag, etag));
         }
-        let (Some(since), Some(modified)) = (
-            self.if_modified_since
-                .as_ref()
-                .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok()),
-            headers
-                .get(header::LAST_MODIFIED)
-                .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok()),
-        ) else {
+        let date = |value: &HeaderValue| httpdate::parse_http_date(value.to_str().ok()?).ok();
+        let Some(since) = self.if_modified_since.as_ref().and_then(date) else {
             return false;
         };
-        modified <= since
+        headers
+            .get(header::LAST_MODIFIED)
+            .and_then(date)
+            .is_some_and(|modified| modified <= since)
     }
 }
 
@@ -205,14 +202,15 @@ fn entity_tags(list: &str) -> impl Iterator<Item = &str> {
 
 /// Weak comparison (RFC 9110 §8.8.3.2): equal opaque tags, whether either is weak or not.
 fn weak_match(a: &str, b: &str) -> bool {
-    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    fn opaque(tag: &str) -> &str {
+        tag.trim().trim_start_matches("W/")
+    }
     opaque(a) == opaque(b)
 }
 
 /// The `304 Not Modified` answer to a conditional request, from the full response's head
 /// (RFC 9110 §15.4.5: the fields a `200` would carry, no content).
-pub(crate) fn not_modified_head(headers: &HeaderMap) -> HeaderMap {
-    let mut headers = headers.clone();
+pub(crate) fn not_modified_head(mut headers: HeaderMap) -> HeaderMap {
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::TRANSFER_ENCODING);
     headers
