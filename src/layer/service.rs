@@ -113,7 +113,9 @@ where
             self.inner.clone(),
         );
         let parked = http.methods.contains(request.method());
-        if !parked && sharing::is_unsafe(request.method()) {
+        // An unsafe method (RFC 9110 §9.2.1) changes the resource: its success invalidates what
+        // is stored for it (RFC 9111 §4.4).
+        if !parked && !request.method().is_safe() {
             return ResponseFuture::new(write(parker, http, inner, request));
         }
         let (parts, body) = request.into_parts();

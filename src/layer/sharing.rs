@@ -122,15 +122,6 @@ pub(crate) fn has_origin_preconditions(headers: &HeaderMap) -> bool {
     headers.contains_key(header::IF_MATCH) || headers.contains_key(header::IF_UNMODIFIED_SINCE)
 }
 
-/// Whether a method changes the resource (RFC 9110 §9.2.1): its success invalidates what is
-/// stored for the resource (RFC 9111 §4.4).
-pub(crate) fn is_unsafe(method: &Method) -> bool {
-    !matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
-}
-
 /// A request's own conditions and range, taken off it so that the run it shares with others is
 /// the plain one; each caller's answer is then derived from the shared full response.
 #[derive(Debug, Default)]
@@ -339,8 +330,6 @@ mod tests {
             http::Request::builder().method(Method::CONNECT).uri("/")
         )));
         assert!(!is_upgrade(&parts(http::Request::get("/"))));
-        assert!(is_unsafe(&Method::POST) && is_unsafe(&Method::DELETE));
-        assert!(!is_unsafe(&Method::GET) && !is_unsafe(&Method::OPTIONS));
     }
 
     #[test]
