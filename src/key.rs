@@ -15,7 +15,7 @@
 
 use std::{fmt, sync::Arc};
 
-use http::{header, request::Parts, HeaderName};
+use http::{header, request::Parts, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 /// The name of one piece of work: callers with equal keys share its result.
@@ -289,7 +289,7 @@ pub(crate) fn effective_uri(parts: &Parts) -> String {
 }
 
 /// [`effective_uri`] of a request's URI and fields.
-pub(crate) fn effective_uri_of(uri: &http::Uri, headers: &http::HeaderMap) -> String {
+pub(crate) fn effective_uri_of(uri: &http::Uri, headers: &HeaderMap) -> String {
     let scheme = uri.scheme_str().unwrap_or("http");
     let authority = uri
         .authority()
@@ -326,12 +326,20 @@ fn hash_headers(parts: &Parts, names: &[HeaderName], more: &[HeaderName]) -> Str
     if names().all(|name| !parts.headers.contains_key(name)) {
         return String::new();
     }
-    let mut values: Vec<&[u8]> = Vec::new();
-    for name in names() {
-        values.push(name.as_str().as_bytes());
-        values.extend(parts.headers.get_all(name).iter().map(|v| v.as_bytes()));
+    fields_digest(&parts.headers, names().map(HeaderName::as_str))
+}
+
+/// A digest of these fields, each name followed by every value it has in `headers`.
+pub(crate) fn fields_digest<'n>(
+    headers: &HeaderMap,
+    names: impl IntoIterator<Item = &'n str>,
+) -> String {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for name in names {
+        parts.push(name.as_bytes());
+        parts.extend(headers.get_all(name).iter().map(|v| v.as_bytes()));
     }
-    hex_digest(&values, 16)
+    hex_digest(&parts, 16)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use crate::{
     backend::Lookup,
     body::{collect_limited, BoxError, Collected},
     clock,
-    key::hex_digest,
+    key::fields_digest,
     parker::{Completion, Keep},
     Key, Outcome, ParkError, Parker, ParkingBody, StoredResponse,
 };
@@ -381,18 +381,8 @@ fn next_step(
 /// of the fields the response's `Vary` names.
 fn variant_of(stored: &StoredResponse, request: Head<'_>) -> String {
     let names = freshness::vary_names(&stored.headers);
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for name in &names {
-        parts.push(name.as_bytes());
-        parts.extend(
-            request
-                .headers
-                .get_all(name.as_str())
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
-    }
-    format!("vary:{}", hex_digest(&parts, 16))
+    let digest = fields_digest(request.headers, names.iter().map(String::as_str));
+    format!("vary:{digest}")
 }
 
 fn leader_work<S, ReqBody, ResBody>(
