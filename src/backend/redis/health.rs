@@ -11,7 +11,10 @@
 use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hasher},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -22,6 +25,9 @@ pub(super) struct Health {
     /// The current canaries' keys, one per primary, and the milliseconds after `epoch` until
     /// which each counts as heard.
     canaries: Mutex<Vec<(String, u64)>>,
+    /// The earliest of those times (0 without canaries): read on every local-window hit, so
+    /// without the lock.
+    alive_until: AtomicU64,
     /// How long a canary heard keeps the path alive: the local window's staleness bound.
     pub(super) bound: Duration,
     /// What every canary key of this backend starts with (`P{canary-<nonce>-`).
@@ -36,6 +42,7 @@ impl Health {
         Self {
             epoch: Instant::now(),
             canaries: Mutex::new(Vec::new()),
+            alive_until: AtomicU64::new(0),
             bound,
             canary_pattern: format!("__keyspace@{db}__:{canary_head}*}}:beat"),
             canary_head,
@@ -48,47 +55,43 @@ impl Health {
         format!("{}{n}}}:beat", self.canary_head)
     }
 
-    /// The hash tag of the `n`th canary key (what its slot is computed from).
-    pub(super) fn canary_tag(&self, n: u32) -> String {
-        let tag = self.canary_key(n);
-        let open = tag.find('{').map_or(0, |i| i + 1);
-        let close = tag.rfind('}').unwrap_or(tag.len());
-        tag[open..close].to_owned()
-    }
-
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn canaries(&self) -> std::sync::MutexGuard<'_, Vec<(String, u64)>> {
-        self.canaries.lock().unwrap_or_else(|e| e.into_inner())
+    /// Changes the canaries under their lock, then publishes until when they are all heard.
+    fn update<T>(&self, change: impl FnOnce(&mut Vec<(String, u64)>) -> T) -> T {
+        let mut canaries = self.canaries.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = change(&mut canaries);
+        let until = canaries.iter().map(|(_, until)| *until).min().unwrap_or(0);
+        self.alive_until.store(until, Ordering::Release);
+        changed
     }
 
     /// The canaries to fly from now on, one per primary: those kept keep when they were heard,
     /// new ones count as unheard until they are.
     pub(super) fn fly(&self, keys: Vec<String>) {
-        let mut canaries = self.canaries();
-        if canaries.iter().map(|(key, _)| key).eq(keys.iter()) {
-            return;
-        }
-        let kept = keys
-            .into_iter()
-            .map(|key| {
-                let heard = canaries
-                    .iter()
-                    .find(|(old, _)| *old == key)
-                    .map_or(0, |(_, until)| *until);
-                (key, heard)
-            })
-            .collect();
-        *canaries = kept;
+        self.update(|canaries| {
+            if canaries.iter().map(|(key, _)| key).eq(keys.iter()) {
+                return;
+            }
+            let kept = keys
+                .into_iter()
+                .map(|key| {
+                    let heard = canaries
+                        .iter()
+                        .find(|(old, _)| *old == key)
+                        .map_or(0, |(_, until)| *until);
+                    (key, heard)
+                })
+                .collect();
+            *canaries = kept;
+        });
     }
 
     /// Whether every current canary was heard within the bound.
     pub(super) fn alive(&self) -> bool {
-        let now = self.now();
-        let canaries = self.canaries();
-        !canaries.is_empty() && canaries.iter().all(|(_, until)| now < *until)
+        self.now() < self.alive_until.load(Ordering::Acquire)
     }
 
     /// Whether this key is one of this backend's canaries (current or not).
@@ -99,18 +102,22 @@ impl Health {
     /// A canary was heard: its primary's path is alive for another bound.
     pub(super) fn heard_canary(&self, key: &str) {
         let until = self.now().saturating_add(self.bound.as_millis() as u64);
-        if let Some(canary) = self.canaries().iter_mut().find(|(k, _)| k == key) {
-            canary.1 = until;
-        }
+        self.update(|canaries| {
+            if let Some(canary) = canaries.iter_mut().find(|(k, _)| k == key) {
+                canary.1 = until;
+            }
+        });
     }
 
     /// As if the only canary was heard (tests of the local window).
     #[cfg(test)]
     pub(super) fn heard_every_canary(&self) {
-        if self.canaries().is_empty() {
-            self.fly(vec![self.canary_key(0)]);
+        let mut keys: Vec<String> =
+            self.update(|canaries| canaries.iter().map(|(key, _)| key.clone()).collect());
+        if keys.is_empty() {
+            keys = vec![self.canary_key(0)];
+            self.fly(keys.clone());
         }
-        let keys: Vec<String> = self.canaries().iter().map(|(key, _)| key.clone()).collect();
         for key in keys {
             self.heard_canary(&key);
         }
@@ -119,9 +126,11 @@ impl Health {
     /// Anything that may have lost notifications happened: alive again only once every canary
     /// is heard after it.
     pub(super) fn lost(&self) {
-        for canary in self.canaries().iter_mut() {
-            canary.1 = 0;
-        }
+        self.update(|canaries| {
+            for canary in canaries.iter_mut() {
+                canary.1 = 0;
+            }
+        });
     }
 
     /// How long a parked request waits before it looks at Redis again by itself: about a second
@@ -153,7 +162,6 @@ mod tests {
         let health = Health::new("p:", 0, "n", Duration::from_secs(60));
         assert!(!health.alive(), "not alive before the first canary");
         assert_eq!(health.canary_key(0), "p:{canary-n-0}:beat");
-        assert_eq!(health.canary_tag(3), "canary-n-3");
         assert_eq!(health.canary_pattern, "__keyspace@0__:p:{canary-n-*}:beat");
         health.fly(vec![health.canary_key(0), health.canary_key(1)]);
         assert!(!health.alive());

@@ -59,8 +59,9 @@ pub(super) fn canary_keys(client: &Client, health: &Health) -> Vec<String> {
         .filter_map(|primary| {
             // About a third of the numbers land on each of three primaries: a few tries each.
             (0..100_000u32).find_map(|n| {
-                let slot = fred::util::redis_keyslot(health.canary_tag(n).as_bytes());
-                (state.get_server(slot) == Some(primary)).then(|| health.canary_key(n))
+                let key = health.canary_key(n);
+                let slot = fred::util::redis_keyslot(key.as_bytes());
+                (state.get_server(slot) == Some(primary)).then_some(key)
             })
         })
         .collect()
