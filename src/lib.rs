@@ -52,6 +52,7 @@ mod layer;
 mod outcome;
 mod parker;
 mod policy;
+mod random;
 mod response;
 mod value;
 

@@ -389,16 +389,8 @@ impl StaleSettings {
             return false;
         };
         let delta = stamp.took_ms as f64 * 1_000.0;
-        now as f64 - delta * beta * uniform().ln() >= stamp.fresh_until as f64
+        now as f64 - delta * beta * crate::random::unit().ln() >= stamp.fresh_until as f64
     }
-}
-
-/// A number drawn uniformly from (0, 1].
-fn uniform() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(clock::now());
-    1.0 - (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// An entry's head and value, when it holds a value that decodes.

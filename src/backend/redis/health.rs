@@ -9,8 +9,6 @@
 //! the local window and parked requests poll Redis in short steps instead of waiting to be woken.
 
 use std::{
-    collections::hash_map::RandomState,
-    hash::{BuildHasher, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex,
@@ -148,9 +146,7 @@ impl Health {
 /// `base` plus up to `spread` milliseconds, so that waiters of many processes do not look at
 /// Redis in step.
 pub(super) fn jittered(base: u64, spread: u64) -> Duration {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(Instant::now().elapsed().as_nanos());
-    Duration::from_millis(base + hasher.finish() % (spread + 1))
+    Duration::from_millis(base + crate::random::u64() % (spread + 1))
 }
 
 #[cfg(test)]

@@ -18,9 +18,7 @@
 //! soon as its entry (or its URI's generation) changes in Redis.
 
 use std::{
-    collections::hash_map::RandomState,
     fmt,
-    hash::{BuildHasher, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -173,17 +171,8 @@ struct Nonces {
 
 impl Nonces {
     fn new() -> Self {
-        // `RandomState` is seeded from the OS's randomness; the clock and pid only add to it.
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos(),
-        );
-        hasher.write_u32(std::process::id());
         Self {
-            instance: hasher.finish(),
+            instance: crate::random::u64(),
             next: AtomicU64::new(0),
         }
     }
