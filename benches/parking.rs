@@ -45,8 +45,26 @@ fn request() -> Request<()> {
     Request::get("/report/7").body(()).expect("a valid request")
 }
 
+/// The request of a client that takes gzip, to a route whose responses vary on it.
+fn gzip_request() -> Request<()> {
+    Request::get("/report/7")
+        .header("accept-encoding", "gzip")
+        .body(())
+        .expect("a valid request")
+}
+
 async fn small_response(_request: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(BODY))))
+}
+
+/// [`small_response`] with `Vary: Accept-Encoding`, as a compressed route sends it.
+async fn varying_response(_request: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
+    response.headers_mut().insert(
+        http::header::VARY,
+        http::HeaderValue::from_static("accept-encoding"),
+    );
+    Ok(response)
 }
 
 /// Calls `service` once and reads the whole body, as a server would before writing it out.
@@ -56,7 +74,17 @@ where
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let response = service.clone().oneshot(request()).await.unwrap();
+    call_with(service, request()).await
+}
+
+/// [`call`] with this request.
+async fn call_with<S, B>(service: &S, request: Request<()>) -> Response<Bytes>
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let response = service.clone().oneshot(request).await.unwrap();
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     Response::from_parts(parts, body)
@@ -68,6 +96,9 @@ fn hit_path(c: &mut Criterion) {
     let layered = ParkingLayer::new()
         .ttl(Duration::from_secs(3600))
         .layer(service_fn(small_response));
+    let varying = ParkingLayer::new()
+        .ttl(Duration::from_secs(3600))
+        .layer(service_fn(varying_response));
     let parker: Parker<Bytes> = ParkerBuilder::new().ttl(Duration::from_secs(3600)).build();
     let work = || async { Ok::<_, Infallible>(Bytes::from_static(BODY)) };
 
@@ -77,6 +108,13 @@ fn hit_path(c: &mut Criterion) {
         assert_eq!(warm.headers()[PARKING_HEADER], "hit", "the key is warm");
         assert_eq!(warm.body().as_ref(), BODY);
         parker.run("report 7", work).await.unwrap();
+        call_with(&varying, gzip_request()).await;
+        let warm = call_with(&varying, gzip_request()).await;
+        assert_eq!(
+            warm.headers()[PARKING_HEADER],
+            "hit",
+            "the varying key is warm"
+        );
     });
 
     let mut group = c.benchmark_group("hit");
@@ -85,6 +123,10 @@ fn hit_path(c: &mut Criterion) {
     });
     group.bench_function("layered hit", |b| {
         b.to_async(&runtime).iter(|| call(&layered));
+    });
+    group.bench_function("layered hit, Vary: Accept-Encoding", |b| {
+        b.to_async(&runtime)
+            .iter(|| call_with(&varying, gzip_request()));
     });
     group.bench_function("Parker::run hit", |b| {
         b.to_async(&runtime)
@@ -96,6 +138,7 @@ fn hit_path(c: &mut Criterion) {
         1,
         "every layered call after the first was a hit"
     );
+    assert_eq!(varying.parker().stats().executions, 1);
 }
 
 fn coalescing(c: &mut Criterion) {

@@ -29,15 +29,17 @@ pub(crate) struct PolicyRecord {
     pub(crate) received_at: u64,
     /// Its age when received, in seconds (its own `Age`, as the policy reads it).
     pub(crate) age_when_received: u64,
-    /// Whether its `Vary` names request headers, so that a request must be matched against it.
-    pub(crate) varies: bool,
+    /// When its `Vary` names request fields: their digest in the request it answered
+    /// (`key::fields_digest`), which a request must have too to be answered with it.
+    pub(crate) variant: Option<String>,
     /// The `http_cache_semantics::CachePolicy`, as JSON.
     pub(crate) policy: Bytes,
 }
 
 /// Format tag, so that bytes written by another format are told apart and treated as a miss.
-/// `TPR1` (no policy) is read as a miss and overwritten by the next run.
-const MAGIC: &[u8; 4] = b"TPR2";
+/// `TPR1` (no policy) and `TPR2` (a vary flag, no digest) are read as a miss and overwritten by
+/// the next run.
+const MAGIC: &[u8; 4] = b"TPR3";
 
 /// Headers that describe one connection, not the response (RFC 9110, 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -89,7 +91,9 @@ impl Value for StoredResponse {
                 out.put_u8(1);
                 out.put_u64(record.received_at);
                 out.put_u64(record.age_when_received);
-                out.put_u8(u8::from(record.varies));
+                let variant = record.variant.as_deref().unwrap_or_default();
+                out.put_u32(variant.len() as u32);
+                out.put_slice(variant.as_bytes());
                 out.put_u32(record.policy.len() as u32);
                 out.put_slice(&record.policy);
             }
@@ -134,13 +138,18 @@ impl Value for StoredResponse {
             1 => {
                 let received_at = take(&mut bytes, 8, "receive time")?.get_u64();
                 let age_when_received = take(&mut bytes, 8, "age")?.get_u64();
-                let varies = take(&mut bytes, 1, "vary flag")?.get_u8() != 0;
+                let len = take_u32(&mut bytes, "variant length")?;
+                let variant = take(&mut bytes, len, "variant")?;
+                let variant = (!variant.is_empty())
+                    .then(|| String::from_utf8(variant.to_vec()))
+                    .transpose()
+                    .map_err(|_| DecodeError::new("invalid variant"))?;
                 let len = take_u32(&mut bytes, "policy length")?;
                 let policy = take(&mut bytes, len, "policy")?;
                 Some(PolicyRecord {
                     received_at,
                     age_when_received,
-                    varies,
+                    variant,
                     policy,
                 })
             }
@@ -181,7 +190,7 @@ mod tests {
         stored.policy = Some(PolicyRecord {
             received_at: 1_800_000_000_000_000,
             age_when_received: 7,
-            varies: true,
+            variant: Some("0123456789abcdef0123456789abcdef".into()),
             policy: Bytes::from_static(b"{}"),
         });
         assert!(!stored.headers.contains_key(header::CONNECTION));

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use support::{
     burst, counting_waits,
     origin::{fields, reply, stating, Fields, Origin},
-    spawn_joined, within, Got, Tally,
+    spawn_joined, stored_response_tag, within, Got, Tally,
 };
 use tokio::time::advance;
 use tower::ServiceExt;
@@ -1129,36 +1129,43 @@ async fn an_invalid_age_counts_as_stale() {
 
 #[tokio::test(start_paused = true)]
 async fn a_value_stored_in_the_older_format_is_a_miss_and_is_overwritten() {
-    let backend = MemoryBackend::new();
-    // What the previous format wrote: its tag, a status, no headers, a body.
-    let older = Parker::<Bytes>::builder()
-        .backend(backend.clone())
-        .ttl(MINUTE)
-        .build::<Bytes>();
-    older
-        .run(PATH, || async {
-            Ok::<_, Infallible>(Bytes::from_static(
-                b"TPR1\x00\xc8\x00\x00\x00\x00stale body",
-            ))
-        })
-        .await
-        .unwrap();
+    // What the previous formats wrote: a tag, a status, no headers, (TPR2: no policy,) a body.
+    let olders: [&[u8]; 2] = [
+        b"TPR1\x00\xc8\x00\x00\x00\x00stale body",
+        b"TPR2\x00\xc8\x00\x00\x00\x00\x00stale body",
+    ];
+    for older_bytes in olders {
+        let backend = MemoryBackend::new();
+        let older = Parker::<Bytes>::builder()
+            .backend(backend.clone())
+            .ttl(MINUTE)
+            .build::<Bytes>();
+        older
+            .run(PATH, move || async move {
+                Ok::<_, Infallible>(Bytes::from_static(older_bytes))
+            })
+            .await
+            .unwrap();
 
-    let layer = ParkingLayer::new()
-        .ttl(MINUTE)
-        .key(by_path)
-        .backend(backend.clone());
-    let origin = Origin::free();
-    let app = origin_app(
-        &origin,
-        &layer,
-        stating(fields(&[("cache-control", "max-age=60")])),
-    );
-    assert_eq!(send(&app, plain_get()).await.view(), (200, "miss", "run 1"));
-    assert_eq!(send(&app, plain_get()).await.view(), (200, "hit", "run 1"));
-    let entry = backend.peek(&Key::new(PATH)).unwrap();
-    assert!(Stamp::open(&entry).unwrap().1.starts_with(b"TPR2"));
-    assert_eq!(origin.runs(), 1);
+        let layer = ParkingLayer::new()
+            .ttl(MINUTE)
+            .key(by_path)
+            .backend(backend.clone());
+        let origin = Origin::free();
+        let app = origin_app(
+            &origin,
+            &layer,
+            stating(fields(&[("cache-control", "max-age=60")])),
+        );
+        assert_eq!(send(&app, plain_get()).await.view(), (200, "miss", "run 1"));
+        assert_eq!(send(&app, plain_get()).await.view(), (200, "hit", "run 1"));
+        let entry = backend.peek(&Key::new(PATH)).unwrap();
+        assert!(Stamp::open(&entry)
+            .unwrap()
+            .1
+            .starts_with(&stored_response_tag()));
+        assert_eq!(origin.runs(), 1);
+    }
 }
 
 // ------------------------------------------------------------------------------------------

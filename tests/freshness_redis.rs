@@ -28,7 +28,7 @@ use hyper_util::{
 use support::{
     counting_waits, eventually,
     origin::{fields, reply, stating, Fields, Origin},
-    redis_key, Instance, RedisServer, Resp, Tally,
+    redis_key, stored_response_tag, Instance, RedisServer, Resp, Tally,
 };
 use tower_parking::{Key, ParkingLayer, RedisBackend, Stats};
 
@@ -514,7 +514,7 @@ async fn a_value_in_the_older_format_is_a_miss_and_is_overwritten_never_misread(
             .map(<[u8]>::to_vec)
             .unwrap_or_default();
         assert!(
-            stored.starts_with(b"0 TP2 ") && stored.windows(4).any(|w| w == b"TPR2"),
+            stored.starts_with(b"0 TP2 ") && stored.windows(4).any(|w| w == stored_response_tag()),
             "{path}: overwritten in the current format: {:?}",
             String::from_utf8_lossy(&stored)
         );

@@ -24,8 +24,8 @@ use support::{
         assert_all_served, by_path, gated_by_key, outcomes, parking, slow_app, start_instances,
         urls, wait_all_in, SOON,
     },
-    payload, quiet_deliberate_panics, redis_key, sealed, Gate, HttpClient, Instance, RedisServer,
-    Reply, Resp, ServerProcess, Tally, DELIBERATE,
+    payload, quiet_deliberate_panics, redis_key, sealed, stored_response_tag, Gate, HttpClient,
+    Instance, RedisServer, Reply, Resp, ServerProcess, Tally, DELIBERATE,
 };
 use tower_parking::{
     backend::{Acquire, Lookup, Wake},
@@ -1043,7 +1043,9 @@ async fn a_corrupt_stored_value_is_a_miss_and_is_overwritten() {
         stored
             .bytes()
             .is_some_and(|bytes| bytes.starts_with(b"0 TP2 ")
-                && bytes.windows(4).any(|window| window == b"TPR2")),
+                && bytes
+                    .windows(4)
+                    .any(|window| window == stored_response_tag())),
         "the corrupt value was overwritten: {stored:?}"
     );
     let later = client.get_all_ok(urls(&all, "/slow/corrupt", 3)).await;

@@ -16,7 +16,7 @@ use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePoli
 
 use crate::{
     clock::{self, Micros},
-    key::{effective_uri_of, hex_digest, CREDENTIAL_HEADERS},
+    key::{effective_uri_of, fields_digest, hex_digest, CREDENTIAL_HEADERS},
     parker::Keep,
     response::PolicyRecord,
     StoredResponse,
@@ -128,7 +128,7 @@ pub(crate) fn judge(
     stored.policy = Some(PolicyRecord {
         received_at,
         age_when_received: policy.age(now).as_secs(),
-        varies: !vary.is_empty(),
+        variant: (!vary.is_empty()).then(|| variant_digest(&vary, request)),
         policy: serde_json::to_vec(&policy).map_or_else(|_| Bytes::new(), Bytes::from),
     });
     Decision::Share(stored, keep)
@@ -241,26 +241,23 @@ pub(crate) fn age(record: &PolicyRecord, now: Micros) -> u64 {
 }
 
 /// Whether a stored response answers this request: always, unless its `Vary` names request
-/// fields, which must then match (the library's judgement).
-pub(crate) fn matches(stored: &StoredResponse, request: Head<'_>, rules: &Rules) -> bool {
-    let Some(record) = &stored.policy else {
-        return true;
-    };
-    if !record.varies {
-        return true;
-    }
-    let Some(policy) = decode(record) else {
-        return false;
-    };
-    let request = policy_request(
-        request,
-        &vary_names(&stored.headers),
-        rules.separates_credentials,
-    );
-    match policy.before_request(&request, clock::system_time(clock::now())) {
-        BeforeRequest::Fresh(_) => true,
-        BeforeRequest::Stale { matches, .. } => matches,
-    }
+/// fields, which must then have the values they had in the request it answered (compared by
+/// digest: the key already holds the method and the effective URI the library would compare).
+pub(crate) fn matches(stored: &StoredResponse, request: Head<'_>) -> bool {
+    other_variant(stored, request).is_none()
+}
+
+/// When `stored` varies and this request is of another variant: the digest of the request's
+/// values of the fields its `Vary` names.
+pub(crate) fn other_variant(stored: &StoredResponse, request: Head<'_>) -> Option<String> {
+    let variant = stored.policy.as_ref()?.variant.as_ref()?;
+    let digest = variant_digest(&vary_names(&stored.headers), request);
+    (digest != *variant).then_some(digest)
+}
+
+/// The digest of a request's values of the fields a response's `Vary` names.
+fn variant_digest(vary: &[String], request: Head<'_>) -> String {
+    fields_digest(request.headers, vary.iter().map(String::as_str))
 }
 
 /// Whether the request says it will not take `stored` as it is (`Cache-Control: no-cache`,

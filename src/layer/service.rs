@@ -30,7 +30,6 @@ use crate::{
     backend::Lookup,
     body::{collect_limited, BoxError, Collected},
     clock,
-    key::fields_digest,
     parker::{Completion, Keep},
     Key, Outcome, ParkError, Parker, ParkingBody, StoredResponse,
 };
@@ -298,12 +297,12 @@ where
         let (deliver, mut delivered) = oneshot::channel();
         let work = leader_work(Arc::clone(&slot), Arc::clone(&http), inner.clone(), deliver);
         let refreshes = {
-            let (slot, http) = (Arc::clone(&slot), Arc::clone(&http));
+            let slot = Arc::clone(&slot);
             move |stored: &StoredResponse| {
                 let caller = lock(&slot);
                 caller
                     .head()
-                    .is_some_and(|head| freshness::matches(stored, head, &http.rules))
+                    .is_some_and(|head| freshness::matches(stored, head))
             }
         };
         let (outcome, result) = parker.execute(key.clone(), lookup, refreshes, work).await;
@@ -370,19 +369,12 @@ fn next_step(
     outcome: Outcome,
     http: &HttpConfig,
 ) -> Option<Result<Lookup, String>> {
-    if !freshness::matches(stored, head, &http.rules) {
-        return Some(Err(variant_of(stored, head)));
+    if let Some(variant) = freshness::other_variant(stored, head) {
+        // The part a request adds to its key for a response that varies.
+        return Some(Err(format!("vary:{variant}")));
     }
     (outcome == Outcome::Hit && freshness::refused_by_request(stored, head, &http.rules))
         .then_some(Ok(Lookup::Skip))
-}
-
-/// The variant part a request adds to its key for a response that varies: a hash of its values
-/// of the fields the response's `Vary` names.
-fn variant_of(stored: &StoredResponse, request: Head<'_>) -> String {
-    let names = freshness::vary_names(&stored.headers);
-    let digest = fields_digest(request.headers, names.iter().map(String::as_str));
-    format!("vary:{digest}")
 }
 
 fn leader_work<S, ReqBody, ResBody>(

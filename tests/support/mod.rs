@@ -36,6 +36,18 @@ mod redis_server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The format tag a `StoredResponse` is stored with today (its first bytes), to tell a value
+/// overwritten in the current format from an older one.
+pub fn stored_response_tag() -> Vec<u8> {
+    use tower_parking::{StoredResponse, Value};
+    let empty = StoredResponse::new(
+        http::StatusCode::OK,
+        http::HeaderMap::new(),
+        bytes::Bytes::new(),
+    );
+    empty.encode()[..4].to_vec()
+}
+
 /// Prints the library's `tracing` events to the test's output when `RUST_LOG` asks for them
 /// (`RUST_LOG=tower_parking=debug cargo test ... -- --nocapture`), to see why a fault test failed.
 pub fn log_from_env() {
