@@ -172,7 +172,7 @@ impl RedisBackendBuilder {
     /// When Redis does not answer, see [`start_when_down`](RedisBackendBuilder::start_when_down).
     pub async fn build(self) -> Result<RedisBackend, RedisSetupError> {
         validate_prefix(&self.prefix)?;
-        let renew_every = self.renew_every.unwrap_or(self.lease / 3);
+        let renew_every = self.renewal_interval();
         if self.lease < Duration::from_millis(1)
             || renew_every.is_zero()
             || renew_every >= self.lease
@@ -277,7 +277,7 @@ impl RedisBackendBuilder {
                 tokio::join!(join_then_dispatch(dispatch, streams), connections);
             }),
         };
-        let renew_every = self.renew_every.unwrap_or(self.lease / 3);
+        let renew_every = self.renewal_interval();
         // From here on, dropping the backend closes the connections and stops the dispatcher.
         let backend = RedisBackend {
             inner: Arc::new(Inner {
@@ -303,6 +303,11 @@ impl RedisBackendBuilder {
             check_keyspace_events(&backend, &config, self.enable_keyspace_events).await?;
         }
         Ok(backend)
+    }
+
+    /// How often the lease is renewed: as set, or a third of the lease.
+    fn renewal_interval(&self) -> Duration {
+        self.renew_every.unwrap_or(self.lease / 3)
     }
 
     /// The command client and the subscriber client, not connected yet.
