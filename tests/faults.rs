@@ -490,16 +490,30 @@ async fn a_paused_or_sleeping_redis_costs_at_most_the_command_timeout() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_lease() {
+/// The leader's lock goes away under a follower parked in the other instance: `take_away`
+/// removes it from `redis` and returns when it was gone (the lock's Redis key is given). The
+/// follower takes over within the bound, not the lease (run 2), and the leader still answers.
+async fn a_parked_follower_takes_over_a_lock_taken_away(
+    enable_keyspace_events: bool,
+    take_away: impl FnOnce(&RedisServer, &str) -> Instant,
+) {
     let redis = RedisServer::start();
     let runs = Tally::new();
     let gate = Gate::new();
-    // Only the first run is held: the leader that loses its lock to the flush.
+    // Only the first run is held: the leader that loses its lock.
     let app = first_run_gated_app(&runs, &gate);
     let parked = Tally::new();
     let lease = Duration::from_secs(10);
-    let instances = leased_pair(&redis, lease, &parked, &app);
+    let instances = start_instances(
+        2,
+        &redis,
+        |b| {
+            b.lease(lease)
+                .enable_keyspace_events(enable_keyspace_events)
+        },
+        || parking(&parked, MINUTE),
+        &app,
+    );
     let (a, b) = (&instances[0], &instances[1]);
     let client = HttpClient::new();
 
@@ -514,12 +528,9 @@ async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_le
         async move { looked.then_some(()) }
     })
     .await;
-    // FLUSHALL removes the lock and sends no per-key notification (as an eviction without the
-    // `e` flag would).
-    let flushed = Instant::now();
-    assert_eq!(redis.cmd(&["FLUSHALL"]).text(), "OK");
+    let gone_at = take_away(&redis, &redis_key(&Key::new("/slow/k"), "lock"));
     let follower = follower.await.unwrap().unwrap();
-    let waited = flushed.elapsed();
+    let waited = gone_at.elapsed();
     assert_eq!(
         follower.text(),
         "k run 2",
@@ -527,79 +538,59 @@ async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_le
     );
     assert!(
         waited < BOUND + Duration::from_millis(700),
-        "noticed {waited:?} after the lock vanished, with a {lease:?} lease"
+        "noticed {waited:?} after the lock went, with a {lease:?} lease"
     );
     gate.open();
     assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
-    assert_eq!(runs.get(), 2);
+    assert_eq!(runs.get(), 2, "losing the lock costs one more run, no more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_vanishes_without_a_notification_costs_a_re_check_not_the_lease() {
+    // FLUSHALL removes the lock and sends no per-key notification (as an eviction without the
+    // `e` flag would).
+    a_parked_follower_takes_over_a_lock_taken_away(false, |redis, _| {
+        let flushed = Instant::now();
+        assert_eq!(redis.cmd(&["FLUSHALL"]).text(), "OK");
+        flushed
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_evicted_under_maxmemory_wakes_its_waiters_with_the_e_flag() {
-    let redis = RedisServer::start();
-    let runs = Tally::new();
-    let gate = Gate::new();
-    let app = first_run_gated_app(&runs, &gate);
-    let parked = Tally::new();
-    let lease = Duration::from_secs(10);
     // Allowed to set the flags: `e` (evicted) joins the ones it needs.
-    let instances = start_instances(
-        2,
-        &redis,
-        |b| b.lease(lease).enable_keyspace_events(true),
-        || parking(&parked, MINUTE),
-        &app,
-    );
-    assert!(redis.config_get("notify-keyspace-events").contains('e'));
-    let (a, b) = (&instances[0], &instances[1]);
-    let client = HttpClient::new();
-
-    let leader = client.spawn_get(a.url("/slow/k"));
-    runs.wait_for(1, SOON, "the leader's run").await;
-    let follower = client.spawn_get(b.url("/slow/k"));
-    parked.wait_for(1, SOON, "b parked").await;
-
-    // Fill Redis past a small maxmemory until allkeys-lru evicts the leader's lock.
-    let lock = redis_key(&Key::new("/slow/k"), "lock");
-    redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
-    let used: u64 = redis
-        .cmd(&["INFO", "memory"])
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix("used_memory:"))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("used_memory");
-    redis.cmd(&[
-        "CONFIG",
-        "SET",
-        "maxmemory",
-        &(used + 512 * 1024).to_string(),
-    ]);
-    let filler = "x".repeat(1024);
-    let mut evicted_at = None;
-    for i in 0..100_000 {
-        redis.cmd(&["SET", &format!("filler:{i}"), &filler]);
-        if i % 64 == 0 && redis.cmd(&["EXISTS", &lock]).integer() == 0 {
-            evicted_at = Some(Instant::now());
-            break;
+    a_parked_follower_takes_over_a_lock_taken_away(true, |redis, lock| {
+        assert!(redis.config_get("notify-keyspace-events").contains('e'));
+        // Fill Redis past a small maxmemory until allkeys-lru evicts the leader's lock.
+        redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+        let used: u64 = redis
+            .cmd(&["INFO", "memory"])
+            .text()
+            .lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("used_memory");
+        redis.cmd(&[
+            "CONFIG",
+            "SET",
+            "maxmemory",
+            &(used + 512 * 1024).to_string(),
+        ]);
+        let filler = "x".repeat(1024);
+        let mut evicted_at = None;
+        for i in 0..100_000 {
+            redis.cmd(&["SET", &format!("filler:{i}"), &filler]);
+            if i % 64 == 0 && redis.cmd(&["EXISTS", lock]).integer() == 0 {
+                evicted_at = Some(Instant::now());
+                break;
+            }
         }
-    }
-    let evicted_at = evicted_at.expect("the lock was evicted");
-    redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
-    let follower = follower.await.unwrap().unwrap();
-    let waited = evicted_at.elapsed();
-    assert_eq!(
-        follower.text(),
-        "k run 2",
-        "it took over once the lock was gone"
-    );
-    assert!(
-        waited < BOUND + Duration::from_millis(700),
-        "noticed {waited:?} after the lock was evicted, with a {lease:?} lease"
-    );
-    gate.open();
-    assert_eq!(leader.await.unwrap().unwrap().text(), "k run 1");
-    assert_eq!(runs.get(), 2, "the eviction costs one more run, no more");
+        let evicted_at = evicted_at.expect("the lock was evicted");
+        redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+        evicted_at
+    })
+    .await;
 }
 
 /// A connection that drops after Redis ran an acquisition but before its reply arrived: the
